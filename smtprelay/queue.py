@@ -1,0 +1,329 @@
+"""The queue runner: claims due messages, hands them to the provider, records outcomes.
+
+It meets the SMTP side only at the store (and a ``wake()`` nudge when a
+message was just accepted).  Per sending mailbox it keeps at most
+``delivery.concurrency`` provider calls in flight (in this process by a
+semaphore; across instances because claims count the active rows), and it
+honours a provider's Retry-After for the whole mailbox.  Leases are renewed
+while calls run, so another instance takes a message over only when this
+one is gone.  The clock is injected: tests run days of retries in
+milliseconds.
+"""
+
+import time
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from smtprelay import schedule
+from smtprelay.model import Outcome, Result, Status
+from smtprelay.providers.base import OutgoingMessage
+
+log = Logger()
+
+
+class MailboxLimiter:
+    """One DeferredSemaphore per sending mailbox, and local back-off times."""
+
+    def __init__(self, concurrency):
+        self.concurrency = concurrency
+        self._sems = {}
+        self.blocked_until = {}
+
+    def semaphore(self, mailbox):
+        key = mailbox.lower()
+        sem = self._sems.get(key)
+        if sem is None:
+            sem = self._sems[key] = defer.DeferredSemaphore(self.concurrency)
+        return sem
+
+    def in_flight(self, mailbox):
+        sem = self._sems.get(mailbox.lower())
+        return 0 if sem is None else sem.limit - sem.tokens
+
+    def release_idle(self):
+        for key in [k for k, s in self._sems.items() if s.tokens == s.limit and not s.waiting]:
+            del self._sems[key]
+
+
+class QueueRunner(service.Service):
+    name = "queue"
+
+    def __init__(self, store, provider, delivery, clock, max_in_flight=128,
+                 poll_interval=1.0, retention=None, metrics=None):
+        self.store = store
+        self.provider = provider
+        self.delivery = delivery
+        self.clock = clock
+        self.max_in_flight = max_in_flight
+        self.poll_interval = poll_interval
+        self.retention = retention
+        self.metrics = metrics
+        self.limiter = MailboxLimiter(delivery.concurrency)
+        self._in_flight = {}  # message id -> Deferred of the whole delivery
+        self._polling = None
+        self._wake_call = None
+        self._loops = []
+        self._stopping = False
+        self.observers = []  # fn(claim, outcome, transition)
+        self.provider_failing = None  # (since, detail) while the last attempt failed
+
+    # -- life ---------------------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self._stopping = False
+        d = self.store.recover(self.clock.seconds())
+        d.addErrback(lambda f: log.failure("recovering leases failed", f))
+        d.addBoth(lambda _: self.wake())
+        self._loop(self.poll_interval, self._tick, now=False)
+        self._loop(max(self.delivery.lease / 3.0, 1.0), self._renew)
+        if self.retention:
+            self._loop(3600.0, self._purge)
+
+    def _loop(self, interval, fn, now=True):
+        lc = task.LoopingCall(fn)
+        lc.clock = self.clock
+        d = lc.start(interval, now=now)
+        d.addErrback(lambda f: log.failure("queue loop failed", f))
+        self._loops.append(lc)
+
+    @defer.inlineCallbacks
+    def stopService(self, grace=None):
+        self._stopping = True
+        for lc in self._loops:
+            if lc.running:
+                lc.stop()
+        self._loops = []
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        if self._polling is not None:
+            yield self._polling
+        pending = list(self._in_flight.values())
+        if pending:
+            grace = self.delivery.direct_timeout if grace is None else grace
+            done = defer.DeferredList(pending, consumeErrors=True)
+            timer = task.deferLater(self.clock, grace, lambda: None)
+            yield defer.DeferredList([done, timer], fireOnOneCallback=True, consumeErrors=True)
+            if not timer.called:
+                timer.cancel()
+            left = list(self._in_flight)
+            if left:
+                log.warn("stopping with {n} deliveries in flight; their leases are released",
+                         n=len(left))
+                for d in list(self._in_flight.values()):
+                    d.cancel()
+                try:
+                    yield self.store.release(left, self.clock.seconds())
+                except Exception:
+                    log.failure("could not release leases; they expire by themselves")
+        yield defer.maybeDeferred(service.Service.stopService, self)
+
+    # -- claiming --------------------------------------------------------------------
+
+    def wake(self):
+        """A message may be due: poll soon (coalesced)."""
+        if self._stopping or not self.running:
+            return
+        if self._wake_call is None or not self._wake_call.active():
+            self._wake_call = self.clock.callLater(0, self._tick)
+
+    def _tick(self):
+        if self._stopping or self._polling is not None:
+            return
+        free = self.max_in_flight - len(self._in_flight)
+        if free <= 0:
+            return
+        now = self.clock.seconds()
+        self._polling = self.store.claim(now, free, now + self.delivery.lease,
+                                         self.delivery.concurrency)
+        self._polling.addCallbacks(self._claimed, self._claim_failed)
+
+    def _claim_failed(self, failure):
+        self._polling = None
+        log.warn("claiming due messages failed: {why}", why=failure.getErrorMessage())
+
+    def _claimed(self, claims):
+        self._polling = None
+        for claim in claims:
+            self._start(claim)
+        if claims and len(self._in_flight) < self.max_in_flight and not self._stopping:
+            # there may be more due than one claim returned
+            self.wake()
+
+    def _start(self, claim):
+        d = self._deliver(claim)
+        self._in_flight[claim.id] = d
+
+        def done(result):
+            self._in_flight.pop(claim.id, None)
+            self.limiter.release_idle()
+            if not self._stopping:
+                self.wake()
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: log.failure("delivery of {id} failed", f, id=claim.id))
+        return d
+
+    # -- delivering --------------------------------------------------------------------
+
+    def deliver_direct(self, claim):
+        """Deliver a message stored already leased (direct mode) -> Deferred[Transition]."""
+        d = self._deliver(claim)
+        self._in_flight[claim.id] = d
+
+        def done(result):
+            self._in_flight.pop(claim.id, None)
+            return result
+
+        return d.addBoth(done)
+
+    @defer.inlineCallbacks
+    def _deliver(self, claim):
+        if claim.mode == "direct" and claim.attempts == 0 and claim.id not in self._in_flight:
+            # a direct-mode message found by a claim: its client never got an answer
+            # (the relay stopped mid-delivery) and will send it again
+            outcome = Outcome.permanent(
+                "not delivered: the relay stopped before the provider answered in direct "
+                "mode; the SMTP client got no 250 and will retry")
+            transition = yield self._record(claim, outcome, 0)
+            return transition
+        if not claim.recipients:
+            outcome = Outcome.sent("no recipient left to deliver to")
+            transition = yield self._record(claim, outcome, 0)
+            return transition
+        sem = self.limiter.semaphore(claim.mailbox)
+        yield sem.acquire()
+        try:
+            start = time.monotonic()
+            outcome = yield self._attempt(claim)
+            duration = time.monotonic() - start
+        finally:
+            sem.release()
+        transition = yield self._record(claim, outcome, int(duration * 1000))
+        return transition
+
+    @defer.inlineCallbacks
+    def _attempt(self, claim):
+        now = self.clock.seconds()
+        blocked = self.limiter.blocked_until.get(claim.mailbox.lower(), 0)
+        if blocked > now:
+            return Outcome.temporary(
+                f"the provider asked to wait before sending as {claim.mailbox}",
+                not_before=blocked)
+        try:
+            body = yield self.store.read_body(claim.id)
+        except Exception as e:
+            return Outcome.temporary(f"cannot read the stored message: {type(e).__name__}")
+        message = OutgoingMessage(id=claim.id, sender=claim.sender, mailbox=claim.mailbox,
+                                  recipients=claim.recipients, size=claim.size, body=body,
+                                  attempt=claim.attempts + 1)
+        try:
+            call = defer.maybeDeferred(self.provider.send, message)
+            cap = self._call_cap(claim)
+            call.addTimeout(cap, self.clock)
+            outcome = yield call
+        except defer.TimeoutError:
+            outcome = Outcome.temporary(
+                f"no answer from the provider within {int(self._call_cap(claim))}s; "
+                "the message may have been sent", ambiguous=True)
+        except defer.CancelledError:
+            outcome = Outcome.temporary("the attempt was cancelled (relay stopping)",
+                                        ambiguous=True)
+        except Exception as e:
+            log.failure("provider {type} raised for {id}", type=self.provider.type, id=claim.id)
+            outcome = Outcome.temporary(f"internal error in the {self.provider.type} "
+                                        f"provider: {type(e).__name__}")
+        finally:
+            body.close()
+        if not isinstance(outcome, Outcome):
+            outcome = Outcome.temporary(f"the {self.provider.type} provider gave no outcome")
+        return outcome
+
+    def _call_cap(self, claim):
+        """A hard upper bound on one provider call, beyond its own timeouts."""
+        if claim.mode == "direct":
+            return self.delivery.direct_timeout
+        per_request = getattr(self.provider, "timeout", 60.0)
+        return per_request * 4 + claim.size / 100_000 + 60.0
+
+    @defer.inlineCallbacks
+    def _record(self, claim, outcome, duration_ms):
+        now = self.clock.seconds()
+        transition = schedule.decide(claim, outcome, now, self.delivery.retry,
+                                     self.delivery.max_age, duration_ms,
+                                     self.store.instance_id)
+        if outcome.mailbox_wide and outcome.not_before and outcome.not_before > now:
+            key = claim.mailbox.lower()
+            self.limiter.blocked_until[key] = max(self.limiter.blocked_until.get(key, 0),
+                                                  outcome.not_before)
+            try:
+                yield self.store.block_mailbox(claim.mailbox, outcome.not_before)
+            except Exception:
+                log.failure("could not record the back-off of {mailbox}", mailbox=claim.mailbox)
+        if outcome.result is Result.SENT:
+            self.provider_failing = None
+        elif outcome.result is Result.TEMPORARY and self.provider_failing is None:
+            self.provider_failing = (now, outcome.detail)
+        for attempt in range(5):
+            try:
+                held = yield self.store.finish(claim.id, transition)
+                break
+            except Exception as e:
+                # the outcome must not be lost: the lease keeps the message ours meanwhile
+                log.warn("recording the outcome of {id} failed ({why}); retrying",
+                         id=claim.id, why=e)
+                yield task.deferLater(self.clock, 2.0 * (attempt + 1), lambda: None)
+        else:
+            held = False
+            log.error("could not record the outcome of {id}; it will be attempted again "
+                      "when its lease expires", id=claim.id)
+        if not held:
+            log.warn("the lease on {id} was lost before its outcome was recorded", id=claim.id)
+        self._log_outcome(claim, outcome, transition)
+        for observer in list(self.observers):
+            try:
+                observer(claim, outcome, transition)
+            except Exception:
+                log.failure("outcome observer failed")
+        return transition
+
+    def _log_outcome(self, claim, outcome, transition):
+        fields = dict(id=claim.id, mailbox=claim.mailbox, n=len(claim.recipients),
+                      detail=transition.attempt.detail, status=transition.status)
+        if transition.status is Status.SENT:
+            log.info("{id} sent as {mailbox} to {n} recipient(s): {detail}", **fields)
+        elif transition.status is Status.DEFERRED:
+            log.warn("{id} deferred until {when}: {detail}",
+                     when=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                        time.gmtime(transition.next_attempt_at)), **fields)
+        else:
+            log.error("{id} failed: {detail}", **fields)
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    def _renew(self):
+        now = self.clock.seconds()
+        d = self.store.renew_leases(now, now + self.delivery.lease)
+        d.addErrback(lambda f: log.warn("lease renewal failed: {why}", why=f.getErrorMessage()))
+        return d
+
+    def _purge(self):
+        before = self.clock.seconds() - self.retention
+        d = self.store.purge(before)
+
+        def purged(n):
+            if n:
+                log.info("retention: purged {n} finished deliveries", n=n)
+                if n >= 1000:
+                    self.clock.callLater(1.0, self._purge)
+
+        d.addCallbacks(purged, lambda f: log.warn("purge failed: {why}",
+                                                  why=f.getErrorMessage()))
+        return d
+
+    @property
+    def in_flight(self):
+        return len(self._in_flight)

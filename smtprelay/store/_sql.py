@@ -1,0 +1,734 @@
+"""The SQL of the store, shared by SQLite and PostgreSQL.
+
+Each function here runs on a database thread with a DB-API connection and a
+:class:`Dialect` that papers over the differences (placeholders, blob type,
+locking).  The message's life is explicit in ``messages.status``; each
+function makes one transition.  Statements are written with ``?``
+placeholders; the PostgreSQL dialect turns them into ``%s``.
+"""
+
+import base64
+import os
+import tempfile
+
+import attr
+
+from smtprelay.model import Claim, Status
+
+BODY_CHUNK = 1 << 20  # bytes per stored body row
+
+MIGRATIONS = [
+    # 1: the first schema
+    [
+        """CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            original_sender TEXT NOT NULL,
+            mailbox TEXT NOT NULL,
+            received_at DOUBLE PRECISION NOT NULL,
+            age_from DOUBLE PRECISION NOT NULL,
+            finished_at DOUBLE PRECISION,
+            next_attempt_at DOUBLE PRECISION,
+            size BIGINT NOT NULL,
+            client_address TEXT NOT NULL DEFAULT '',
+            helo TEXT NOT NULL DEFAULT '',
+            auth_user TEXT,
+            header_from TEXT NOT NULL DEFAULT '',
+            subject TEXT NOT NULL DEFAULT '',
+            message_id TEXT NOT NULL DEFAULT '',
+            mode TEXT NOT NULL DEFAULT 'queue',
+            attempts_count INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            provider_id TEXT,
+            lease_owner TEXT,
+            lease_until DOUBLE PRECISION,
+            received_by TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX messages_due ON messages (status, next_attempt_at)",
+        "CREATE INDEX messages_finished ON messages (finished_at)",
+        "CREATE INDEX messages_lease ON messages (lease_owner)",
+        """CREATE TABLE recipients (
+            message_id TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            address TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending',
+            detail TEXT,
+            PRIMARY KEY (message_id, position)
+        )""",
+        "CREATE INDEX recipients_address ON recipients (address)",
+        """CREATE TABLE bodies (
+            message_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            data {blob} NOT NULL,
+            PRIMARY KEY (message_id, seq)
+        )""",
+        """CREATE TABLE attempts (
+            message_id TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL,
+            outcome TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            duration_ms INTEGER NOT NULL DEFAULT 0,
+            instance TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX attempts_message ON attempts (message_id, at)",
+        "CREATE INDEX attempts_at ON attempts (at)",
+        """CREATE TABLE mailboxes (
+            mailbox TEXT PRIMARY KEY,
+            not_before DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE instances (
+            id TEXT PRIMARY KEY,
+            hostname TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            heartbeat_at DOUBLE PRECISION NOT NULL,
+            state TEXT NOT NULL,
+            version TEXT NOT NULL DEFAULT ''
+        )""",
+    ],
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class Dialect:
+    """What differs between databases; subclasses fill it in."""
+
+    name = "?"
+    blob = "BLOB"
+
+    def sql(self, statement):
+        return statement
+
+    def execute(self, conn, statement, params=()):
+        cur = conn.cursor()
+        cur.execute(self.sql(statement), params)
+        return cur
+
+    def executemany(self, conn, statement, rows):
+        cur = conn.cursor()
+        cur.executemany(self.sql(statement), rows)
+        return cur
+
+    def begin_write(self, conn):
+        self.execute(conn, "BEGIN")
+
+    def commit(self, conn):
+        conn.commit()
+
+    def rollback(self, conn):
+        conn.rollback()
+
+    def to_blob(self, data):
+        return data
+
+    def from_blob(self, value):
+        return bytes(value)
+
+    def lock_claims(self, conn):
+        """Serialise claims across instances (no-op where writes already are)."""
+
+    def for_update(self):
+        return ""
+
+
+def fetchall(dialect, conn, statement, params=()):
+    return dialect.execute(conn, statement, params).fetchall()
+
+
+def fetchone(dialect, conn, statement, params=()):
+    return dialect.execute(conn, statement, params).fetchone()
+
+
+# ---------------------------------------------------------------------------
+# schema
+
+
+def current_version(dialect, conn):
+    row = fetchone(dialect, conn, "SELECT version FROM schema_version")
+    return row[0] if row else 0
+
+
+def migrate(dialect, conn):
+    """Bring the schema to SCHEMA_VERSION inside the caller's transaction."""
+    dialect.execute(conn, "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    version = current_version(dialect, conn)
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the database schema is version {version}, newer than this relay knows "
+            f"({SCHEMA_VERSION}): upgrade the relay"
+        )
+    for n in range(version, SCHEMA_VERSION):
+        for statement in MIGRATIONS[n]:
+            dialect.execute(conn, statement.format(blob=dialect.blob))
+    if version == 0:
+        dialect.execute(conn, "INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+    elif version != SCHEMA_VERSION:
+        dialect.execute(conn, "UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+    return version
+
+
+# ---------------------------------------------------------------------------
+# the receiving side
+
+
+def insert_message(dialect, conn, envelope, body, status, lease_owner, lease_until):
+    size = 0
+    seq = 0
+    for chunk in _rechunk(body, BODY_CHUNK):
+        dialect.execute(
+            conn,
+            "INSERT INTO bodies (message_id, seq, data) VALUES (?, ?, ?)",
+            (envelope.id, seq, dialect.to_blob(chunk)),
+        )
+        seq += 1
+        size += len(chunk)
+    dialect.execute(
+        conn,
+        """INSERT INTO messages (id, status, sender, original_sender, mailbox, received_at,
+            age_from, next_attempt_at, size, client_address, helo, auth_user, header_from, subject,
+            message_id, mode, lease_owner, lease_until, received_by)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            envelope.id, str(status), envelope.sender, envelope.original_sender,
+            envelope.mailbox, envelope.received_at, envelope.received_at,
+            envelope.received_at, size,
+            envelope.client_address, envelope.helo, envelope.auth_user,
+            envelope.header_from, envelope.subject, envelope.message_id, envelope.mode,
+            lease_owner, lease_until, envelope.instance,
+        ),
+    )
+    dialect.executemany(
+        conn,
+        "INSERT INTO recipients (message_id, position, address) VALUES (?, ?, ?)",
+        [(envelope.id, i, r) for i, r in enumerate(envelope.recipients)],
+    )
+    return size
+
+
+def _rechunk(chunks, size):
+    buf = bytearray()
+    for chunk in chunks:
+        buf += chunk
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+    if buf:
+        yield bytes(buf)
+
+
+# ---------------------------------------------------------------------------
+# the delivering side
+
+
+def _pending(dialect, conn, ids):
+    out = {i: [] for i in ids}
+    if not ids:
+        return out
+    marks = ",".join("?" * len(ids))
+    for message_id, address in fetchall(
+        dialect, conn,
+        f"""SELECT message_id, address FROM recipients
+            WHERE message_id IN ({marks}) AND status = 'pending'
+            ORDER BY message_id, position""",
+        tuple(ids),
+    ):
+        out[message_id].append(address)
+    return out
+
+
+def _claims(dialect, conn, rows):
+    pending = _pending(dialect, conn, [r[0] for r in rows])
+    return [
+        Claim(id=r[0], sender=r[1], mailbox=r[2], recipients=tuple(pending[r[0]]),
+              age_from=r[3], size=r[4], attempts=r[5], mode=r[6])
+        for r in rows
+    ]
+
+
+_CLAIM_COLUMNS = "id, sender, mailbox, age_from, size, attempts_count, mode"
+
+
+def claim(dialect, conn, owner, now, limit, lease_until, concurrency):
+    dialect.lock_claims(conn)
+    blocked = {
+        r[0] for r in fetchall(
+            dialect, conn, "SELECT mailbox FROM mailboxes WHERE not_before > ?", (now,)
+        )
+    }
+    busy = dict(fetchall(
+        dialect, conn,
+        """SELECT mailbox, COUNT(*) FROM messages
+           WHERE status = 'active' AND lease_until >= ? GROUP BY mailbox""",
+        (now,),
+    ))
+    candidates = fetchall(
+        dialect, conn,
+        f"""SELECT {_CLAIM_COLUMNS}, status FROM messages
+            WHERE (status IN ('queued', 'deferred') AND next_attempt_at <= ?)
+               OR (status = 'active' AND lease_until < ?)
+            ORDER BY next_attempt_at, id
+            LIMIT ?{dialect.for_update()}""",
+        (now, now, max(limit * 4, 64)),
+    )
+    chosen = []
+    for row in candidates:
+        if len(chosen) >= limit:
+            break
+        mailbox = row[2]
+        if mailbox in blocked or busy.get(mailbox, 0) >= concurrency:
+            continue
+        busy[mailbox] = busy.get(mailbox, 0) + 1
+        chosen.append(row[:7])
+    if not chosen:
+        return []
+    ids = [r[0] for r in chosen]
+    marks = ",".join("?" * len(ids))
+    dialect.execute(
+        conn,
+        f"""UPDATE messages SET status = 'active', lease_owner = ?, lease_until = ?
+            WHERE id IN ({marks})""",
+        (owner, lease_until, *ids),
+    )
+    return _claims(dialect, conn, chosen)
+
+
+def claim_one(dialect, conn, owner, message_id, now, lease_until):
+    row = fetchone(
+        dialect, conn,
+        f"""SELECT {_CLAIM_COLUMNS} FROM messages
+            WHERE id = ? AND (status IN ('queued', 'deferred')
+                              OR (status = 'active' AND (lease_owner = ? OR lease_until < ?)))
+            {dialect.for_update()}""",
+        (message_id, owner, now),
+    )
+    if row is None:
+        return None
+    dialect.execute(
+        conn,
+        "UPDATE messages SET status = 'active', lease_owner = ?, lease_until = ? WHERE id = ?",
+        (owner, lease_until, message_id),
+    )
+    return _claims(dialect, conn, [row])[0]
+
+
+def read_body(dialect, conn, message_id):
+    rows = fetchall(
+        dialect, conn,
+        "SELECT seq FROM bodies WHERE message_id = ? ORDER BY seq", (message_id,)
+    )
+    if not rows:
+        exists = fetchone(dialect, conn, "SELECT 1 FROM messages WHERE id = ?", (message_id,))
+        if exists is None:
+            raise KeyError(message_id)
+    out = tempfile.SpooledTemporaryFile(max_size=BODY_CHUNK * 2)
+    for (seq,) in rows:
+        (data,) = fetchone(
+            dialect, conn,
+            "SELECT data FROM bodies WHERE message_id = ? AND seq = ?", (message_id, seq),
+        )
+        out.write(dialect.from_blob(data))
+    out.seek(0)
+    return out
+
+
+def finish(dialect, conn, owner, message_id, transition):
+    """Write an attempt's outcome if ``owner`` still holds the lease."""
+    row = fetchone(
+        dialect, conn,
+        f"SELECT lease_owner, status FROM messages WHERE id = ?{dialect.for_update()}",
+        (message_id,),
+    )
+    if row is None or row[0] != owner or row[1] != str(Status.ACTIVE):
+        return False
+    a = transition.attempt
+    dialect.execute(
+        conn,
+        """INSERT INTO attempts (message_id, at, outcome, detail, duration_ms, instance)
+           VALUES (?, ?, ?, ?, ?, ?)""",
+        (message_id, a.at, a.outcome, a.detail, a.duration_ms, a.instance),
+    )
+    _write_recipient_results(dialect, conn, message_id, transition.recipient_results)
+    final = transition.status in (Status.SENT, Status.FAILED)
+    dialect.execute(
+        conn,
+        """UPDATE messages SET status = ?, next_attempt_at = ?, finished_at = ?,
+               attempts_count = attempts_count + 1, error = ?,
+               provider_id = COALESCE(?, provider_id), lease_owner = NULL, lease_until = NULL
+           WHERE id = ?""",
+        (
+            str(transition.status), transition.next_attempt_at, a.at if final else None,
+            transition.error, transition.provider_id, message_id,
+        ),
+    )
+    return True
+
+
+def _write_recipient_results(dialect, conn, message_id, results):
+    rows = []
+    for address, (result, detail) in results.items():
+        status = {"sent": "sent", "permanent": "failed"}.get(str(result))
+        if status:
+            rows.append((status, detail, message_id, address))
+        else:
+            rows.append(("pending", detail, message_id, address))
+    if rows:
+        dialect.executemany(
+            conn,
+            """UPDATE recipients SET status = ?, detail = ?
+               WHERE message_id = ? AND address = ? AND status = 'pending'""",
+            rows,
+        )
+
+
+def renew_leases(dialect, conn, owner, now, lease_until):
+    dialect.execute(
+        conn,
+        "UPDATE messages SET lease_until = ? WHERE lease_owner = ? AND status = 'active'",
+        (lease_until, owner),
+    )
+    dialect.execute(
+        conn, "UPDATE instances SET heartbeat_at = ? WHERE id = ?", (now, owner)
+    )
+
+
+def release(dialect, conn, owner, message_ids, now):
+    if not message_ids:
+        return
+    marks = ",".join("?" * len(message_ids))
+    dialect.execute(
+        conn,
+        f"""UPDATE messages SET status = CASE WHEN attempts_count > 0 THEN 'deferred'
+                                              ELSE 'queued' END,
+               next_attempt_at = ?, lease_owner = NULL, lease_until = NULL
+            WHERE lease_owner = ? AND status = 'active' AND id IN ({marks})""",
+        (now, owner, *message_ids),
+    )
+
+
+def block_mailbox(dialect, conn, mailbox, until):
+    dialect.execute(
+        conn,
+        """INSERT INTO mailboxes (mailbox, not_before) VALUES (?, ?)
+           ON CONFLICT (mailbox) DO UPDATE SET not_before =
+               CASE WHEN excluded.not_before > mailboxes.not_before
+                    THEN excluded.not_before ELSE mailboxes.not_before END""",
+        (mailbox, until),
+    )
+
+
+def register_instance(dialect, conn, instance_id, hostname, pid, now, version):
+    dialect.execute(
+        conn,
+        """INSERT INTO instances (id, hostname, pid, started_at, heartbeat_at, state, version)
+           VALUES (?, ?, ?, ?, ?, 'running', ?)""",
+        (instance_id, hostname, pid, now, now, version),
+    )
+
+
+def set_instance_state(dialect, conn, instance_id, state, now):
+    dialect.execute(
+        conn, "UPDATE instances SET state = ?, heartbeat_at = ? WHERE id = ?",
+        (state, now, instance_id),
+    )
+
+
+def recover(dialect, conn, hostname, alive, now):
+    """Expire the leases of instances on this host whose process is gone."""
+    dead = [
+        instance_id for instance_id, pid in fetchall(
+            dialect, conn,
+            "SELECT id, pid FROM instances WHERE hostname = ? AND state = 'running'",
+            (hostname,),
+        )
+        if not alive(pid, instance_id)
+    ]
+    for instance_id in dead:
+        dialect.execute(
+            conn,
+            "UPDATE messages SET lease_until = ? WHERE lease_owner = ? AND status = 'active'",
+            (now - 1, instance_id),
+        )
+        dialect.execute(
+            conn, "UPDATE instances SET state = 'dead' WHERE id = ?", (instance_id,)
+        )
+    return dead
+
+
+def purge(dialect, conn, before):
+    ids = [r[0] for r in fetchall(
+        dialect, conn,
+        """SELECT id FROM messages WHERE status IN ('sent', 'failed') AND finished_at < ?
+           LIMIT 1000""",
+        (before,),
+    )]
+    if ids:
+        marks = ",".join("?" * len(ids))
+        for table, column in (("bodies", "message_id"), ("attempts", "message_id"),
+                              ("recipients", "message_id"), ("messages", "id")):
+            dialect.execute(conn, f"DELETE FROM {table} WHERE {column} IN ({marks})", tuple(ids))
+    dialect.execute(conn, "DELETE FROM mailboxes WHERE not_before < ?", (before,))
+    dialect.execute(
+        conn, "DELETE FROM instances WHERE state != 'running' AND heartbeat_at < ?", (before,)
+    )
+    return len(ids)
+
+
+# ---------------------------------------------------------------------------
+# the admin side
+
+
+def stats(dialect, conn, now):
+    counts = dict(fetchall(dialect, conn, "SELECT status, COUNT(*) FROM messages GROUP BY status"))
+    last = fetchone(
+        dialect, conn,
+        """SELECT detail, at, message_id FROM attempts
+           WHERE outcome NOT IN ('sent')
+           ORDER BY at DESC LIMIT 1""",
+    )
+    oldest = fetchone(
+        dialect, conn,
+        "SELECT MIN(received_at) FROM messages WHERE status IN ('queued', 'deferred', 'active')",
+    )
+    return {
+        "received": sum(counts.values()),
+        "sent": counts.get("sent", 0),
+        "failed": counts.get("failed", 0),
+        "queued": counts.get("queued", 0),
+        "deferred": counts.get("deferred", 0),
+        "active": counts.get("active", 0),
+        "last_error": (
+            {"message": last[0], "at": last[1], "delivery_id": last[2]} if last else None
+        ),
+        "oldest_pending_at": oldest[0] if oldest else None,
+    }
+
+
+@attr.frozen
+class DeliveryQuery:
+    status: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    q: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 50
+    cursor: str | None = None
+
+
+def encode_cursor(message_id):
+    return base64.urlsafe_b64encode(message_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor):
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except Exception:
+        raise ValueError("not a cursor from this API") from None
+    if not text.isalnum() or len(text) > 64:
+        raise ValueError("not a cursor from this API")
+    return text
+
+
+def _like(text):
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+_DELIVERY_COLUMNS = """id, received_at, finished_at, status, sender, original_sender, mailbox,
+    header_from, subject, message_id, size, attempts_count, next_attempt_at, error,
+    client_address, auth_user, provider_id, mode, helo"""
+
+
+def _delivery_row(row, recipients, provider_type):
+    (mid, received_at, finished_at, status, sender, original_sender, mailbox, header_from,
+     subject, message_id, size, attempts_count, next_attempt_at, error, client_address,
+     auth_user, provider_id, mode, helo) = row
+    return {
+        "id": mid,
+        "received_at": received_at,
+        "finished_at": finished_at,
+        "status": "queued" if status == "active" else status,
+        "state": status,
+        "sender": sender,
+        "original_sender": original_sender,
+        "mailbox": mailbox,
+        "recipients": [r[0] for r in recipients],
+        "recipient_status": [
+            {"address": r[0], "status": r[1], "detail": r[2]} for r in recipients
+        ],
+        "header_from": header_from,
+        "subject": subject,
+        "message_id": message_id,
+        "size": size,
+        "provider": provider_type,
+        "attempts_count": attempts_count,
+        "next_attempt_at": next_attempt_at if status in ("queued", "deferred") else None,
+        "error": error,
+        "client_address": client_address,
+        "auth_user": auth_user,
+        "provider_id": provider_id,
+        "mode": mode,
+        "helo": helo,
+    }
+
+
+def _recipients_of(dialect, conn, ids):
+    out = {i: [] for i in ids}
+    if not ids:
+        return out
+    marks = ",".join("?" * len(ids))
+    for mid, address, status, detail in fetchall(
+        dialect, conn,
+        f"""SELECT message_id, address, status, detail FROM recipients
+            WHERE message_id IN ({marks}) ORDER BY message_id, position""",
+        tuple(ids),
+    ):
+        out[mid].append((address, status, detail))
+    return out
+
+
+def deliveries(dialect, conn, query, provider_type):
+    where, params = [], []
+    if query.status:
+        if query.status == "queued":
+            where.append("status IN ('queued', 'active')")
+        else:
+            where.append("status = ?")
+            params.append(query.status)
+    if query.sender:
+        where.append("(LOWER(sender) LIKE ? ESCAPE '\\' OR LOWER(original_sender) LIKE ? ESCAPE '\\')")
+        params += [_like(query.sender)] * 2
+    if query.recipient:
+        where.append(
+            "id IN (SELECT message_id FROM recipients WHERE LOWER(address) LIKE ? ESCAPE '\\')"
+        )
+        params.append(_like(query.recipient))
+    if query.q:
+        where.append("(LOWER(subject) LIKE ? ESCAPE '\\' OR LOWER(message_id) LIKE ? ESCAPE '\\')")
+        params += [_like(query.q)] * 2
+    if query.since is not None:
+        where.append("received_at >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append("received_at < ?")
+        params.append(query.until)
+    if query.cursor:
+        where.append("id < ?")
+        params.append(decode_cursor(query.cursor))
+    sql = f"SELECT {_DELIVERY_COLUMNS} FROM messages"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    params.append(query.limit + 1)
+    rows = fetchall(dialect, conn, sql, tuple(params))
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    recipients = _recipients_of(dialect, conn, [r[0] for r in rows])
+    items = [_delivery_row(r, recipients[r[0]], provider_type) for r in rows]
+    return items, (encode_cursor(rows[-1][0]) if more and rows else None)
+
+
+def delivery(dialect, conn, message_id, provider_type):
+    row = fetchone(
+        dialect, conn, f"SELECT {_DELIVERY_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+    )
+    if row is None:
+        return None
+    item = _delivery_row(row, _recipients_of(dialect, conn, [message_id])[message_id],
+                         provider_type)
+    item["attempts"] = [
+        {"at": at, "outcome": outcome, "detail": detail, "duration_ms": duration_ms,
+         "instance": instance}
+        for at, outcome, detail, duration_ms, instance in fetchall(
+            dialect, conn,
+            """SELECT at, outcome, detail, duration_ms, instance FROM attempts
+               WHERE message_id = ? ORDER BY at""",
+            (message_id,),
+        )
+    ]
+    return item
+
+
+def requeue(dialect, conn, message_id, now):
+    row = fetchone(
+        dialect, conn, f"SELECT status FROM messages WHERE id = ?{dialect.for_update()}",
+        (message_id,),
+    )
+    if row is None:
+        return None
+    status = row[0]
+    if status not in ("failed", "deferred", "queued"):
+        raise ValueError(f"a delivery that is {'in flight' if status == 'active' else status} "
+                         "cannot be retried")
+    if status == "failed":
+        # recipients that failed get another chance; those sent stay sent
+        dialect.execute(
+            conn,
+            "UPDATE recipients SET status = 'pending' WHERE message_id = ? AND status = 'failed'",
+            (message_id,),
+        )
+        dialect.execute(
+            conn,
+            """INSERT INTO attempts (message_id, at, outcome, detail, duration_ms, instance)
+               VALUES (?, ?, 'requeued', 'retry requested by admin', 0, '')""",
+            (message_id, now),
+        )
+    dialect.execute(
+        conn,
+        """UPDATE messages SET status = CASE WHEN attempts_count > 0 THEN 'deferred'
+                                             ELSE 'queued' END,
+               next_attempt_at = ?, finished_at = NULL, mode = 'queue',
+               age_from = CASE WHEN status = 'failed' THEN ? ELSE age_from END
+           WHERE id = ?""",
+        (now, now, message_id),
+    )
+    return status
+
+
+def cancel(dialect, conn, message_id, now, detail):
+    row = fetchone(
+        dialect, conn, f"SELECT status FROM messages WHERE id = ?{dialect.for_update()}",
+        (message_id,),
+    )
+    if row is None:
+        return None
+    status = row[0]
+    if status not in ("queued", "deferred"):
+        raise ValueError(f"a delivery that is {'in flight' if status == 'active' else status} "
+                         "cannot be cancelled")
+    dialect.execute(
+        conn,
+        "UPDATE recipients SET status = 'failed', detail = ? WHERE message_id = ? AND status = 'pending'",
+        (detail, message_id),
+    )
+    dialect.execute(
+        conn,
+        """INSERT INTO attempts (message_id, at, outcome, detail, duration_ms, instance)
+           VALUES (?, ?, 'cancelled', ?, 0, '')""",
+        (message_id, now, detail),
+    )
+    dialect.execute(
+        conn,
+        """UPDATE messages SET status = 'failed', finished_at = ?, next_attempt_at = NULL,
+               error = ? WHERE id = ?""",
+        (now, detail, message_id),
+    )
+    return status
+
+
+def instances(dialect, conn):
+    return [
+        {"id": r[0], "hostname": r[1], "pid": r[2], "started_at": r[3],
+         "heartbeat_at": r[4], "state": r[5], "version": r[6]}
+        for r in fetchall(
+            dialect, conn,
+            """SELECT id, hostname, pid, started_at, heartbeat_at, state, version
+               FROM instances ORDER BY started_at DESC""",
+        )
+    ]
+
+
+def new_instance_id(hostname, pid):
+    return f"{hostname}/{pid}/{os.urandom(4).hex()}"

@@ -1,0 +1,3 @@
+"""The ``twistd smtprelay`` drop-in: ``twistd -n smtprelay --config PATH``."""
+
+from smtprelay.tap import serviceMaker  # noqa: F401  (found by twisted.plugin)
