@@ -583,23 +583,22 @@ def _smtp(reader, t):
 
 
 def _check_keypair(reader, key, cert_path, key_path):
-    from OpenSSL import crypto
+    from OpenSSL import SSL
 
+    ctx = SSL.Context(SSL.TLS_METHOD)
     try:
-        cert = crypto.load_certificate(crypto.FILETYPE_PEM, Path(cert_path).read_bytes())
-        pkey = crypto.load_privatekey(crypto.FILETYPE_PEM, Path(key_path).read_bytes())
-    except Exception:
-        reader.problem(key, "certificate or key is not valid PEM")
+        ctx.use_certificate_chain_file(cert_path.encode())
+    except SSL.Error:
+        reader.problem(key, f"{cert_path} is not a PEM certificate")
         return
     try:
-        from OpenSSL import SSL
-
-        ctx = SSL.Context(SSL.TLS_METHOD)
-        ctx.use_certificate(cert)
-        ctx.use_privatekey(pkey)
+        ctx.use_privatekey_file(key_path.encode())
         ctx.check_privatekey()
-    except Exception:
-        reader.problem(key, "smtp.tls_key does not belong to this certificate")
+    except SSL.Error as e:
+        if "mismatch" in str(e):
+            reader.problem(key, "smtp.tls_key does not belong to this certificate")
+        else:
+            reader.problem("smtp.tls_key", f"{key_path} is not a PEM private key")
 
 
 def _auth(reader, t):

@@ -164,14 +164,19 @@ class QueueRunner(service.Service):
             return result
 
         d.addBoth(done)
-        d.addErrback(lambda f: log.failure("delivery of {id} failed", f, id=claim.id))
+        d.addErrback(self._delivery_failed, claim)
         return d
+
+    def _delivery_failed(self, failure, claim):
+        if failure.check(defer.CancelledError) and self._stopping:
+            return None
+        log.failure("delivery of {id} failed", failure, id=claim.id)
 
     # -- delivering --------------------------------------------------------------------
 
     def deliver_direct(self, claim):
         """Deliver a message stored already leased (direct mode) -> Deferred[Transition]."""
-        d = self._deliver(claim)
+        d = self._deliver(claim, direct=True)
         self._in_flight[claim.id] = d
 
         def done(result):
@@ -181,8 +186,8 @@ class QueueRunner(service.Service):
         return d.addBoth(done)
 
     @defer.inlineCallbacks
-    def _deliver(self, claim):
-        if claim.mode == "direct" and claim.attempts == 0 and claim.id not in self._in_flight:
+    def _deliver(self, claim, direct=False):
+        if claim.mode == "direct" and not direct:
             # a direct-mode message found by a claim: its client never got an answer
             # (the relay stopped mid-delivery) and will send it again
             outcome = Outcome.permanent(
@@ -230,8 +235,10 @@ class QueueRunner(service.Service):
                 f"no answer from the provider within {int(self._call_cap(claim))}s; "
                 "the message may have been sent", ambiguous=True)
         except defer.CancelledError:
-            outcome = Outcome.temporary("the attempt was cancelled (relay stopping)",
-                                        ambiguous=True)
+            if self._stopping:
+                # not an outcome: stopService gives the lease back for another try
+                raise
+            outcome = Outcome.temporary("the attempt was cancelled", ambiguous=True)
         except Exception as e:
             log.failure("provider {type} raised for {id}", type=self.provider.type, id=claim.id)
             outcome = Outcome.temporary(f"internal error in the {self.provider.type} "

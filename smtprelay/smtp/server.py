@@ -734,6 +734,8 @@ def _parse_path(rest, keyword):
             return None
     else:
         path, _, params_text = tail.partition(" ")
+        if not path:
+            return None  # the null path is written "<>"
     path = path.strip()
     if path.startswith("@"):
         # a source route <@a,@b:user@c>: RFC 5321 says ignore it

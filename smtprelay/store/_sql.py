@@ -120,6 +120,9 @@ class Dialect:
     def rollback(self, conn):
         conn.rollback()
 
+    def in_transaction(self, conn):
+        return True
+
     def to_blob(self, data):
         return data
 

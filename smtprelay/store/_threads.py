@@ -87,17 +87,19 @@ class Writer:
 
     def _run_batch(self, conn, ops):
         dialect = self._dialect
-        results = []
         try:
             dialect.begin_write(conn)
         except BaseException:
             f = Failure()
-            for _, d in ops:
-                results.append((d, False, f))
-            self._deliver(results)
             self._reset(conn)
+            self._deliver([(d, False, f) for _, d in ops])
             return
+        results = []
+        lost = None  # the failure that took the whole transaction with it
         for i, (fn, d) in enumerate(ops):
+            if lost is not None:
+                results.append((d, False, lost))
+                continue
             savepoint = f"op{i}"
             try:
                 dialect.execute(conn, f"SAVEPOINT {savepoint}")
@@ -106,19 +108,26 @@ class Writer:
                 results.append((d, True, value))
             except BaseException:
                 f = Failure()
+                results.append((d, False, f))
+                if not dialect.in_transaction(conn):
+                    # e.g. SQLITE_FULL rolls the transaction back by itself: what ran
+                    # before is gone, and what follows must not run in autocommit
+                    lost = f
+                    continue
                 try:
                     dialect.execute(conn, f"ROLLBACK TO SAVEPOINT {savepoint}")
                     dialect.execute(conn, f"RELEASE SAVEPOINT {savepoint}")
                 except BaseException:
-                    pass
-                results.append((d, False, f))
-        try:
-            dialect.commit(conn)
-        except BaseException:
-            f = Failure()
+                    lost = Failure()
+        if lost is None:
+            try:
+                dialect.commit(conn)
+            except BaseException:
+                lost = Failure()
+        if lost is not None:
             self._reset(conn)
             # nothing of this batch is stored: every caller learns it
-            results = [(d, False, f) for d, _, _ in results]
+            results = [(d, False, value if not ok else lost) for d, ok, value in results]
         self.batches += 1
         self.ops += len(ops)
         self._deliver(results)

@@ -25,6 +25,9 @@ class SQLiteDialect(Dialect):
         if conn.in_transaction:
             conn.execute("ROLLBACK")
 
+    def in_transaction(self, conn):
+        return conn.in_transaction
+
 
 class SQLiteStore(ThreadedSQLStore):
     dialect = SQLiteDialect()

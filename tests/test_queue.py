@@ -1,0 +1,230 @@
+"""The queue runner against a real SQLite store, with an injected clock:
+retry schedules of days run in milliseconds.  The provider is a scripted
+stand-in at the IProvider boundary (the real providers have their own suites)."""
+
+import os
+import tempfile
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from smtprelay.config import DeliveryConfig
+from smtprelay.model import Outcome
+from smtprelay.providers.base import CheckResult, IProvider, ProviderBase
+from smtprelay.queue import QueueRunner
+from smtprelay.store.sqlite import SQLiteStore
+from tests.test_store import envelope
+
+T0 = 1_800_000_000.0
+
+
+@implementer(IProvider)
+class ScriptedProvider(ProviderBase):
+    """Answers from a script: an Outcome, an exception, or "hang" (a Deferred
+    the test fires); records what it was given."""
+
+    type = "scripted"
+    timeout = 5.0
+
+    def __init__(self, script=(), default=None):
+        self.script = list(script)
+        self.default = default or Outcome.sent("ok")
+        self.calls = []
+        self.hanging = []
+
+    def send(self, message):
+        self.calls.append((message.id, message.mailbox, message.recipients, message.body.read()))
+        step = self.script.pop(0) if self.script else self.default
+        if step == "hang":
+            d = defer.Deferred()
+            self.hanging.append(d)
+            return d
+        if isinstance(step, Exception):
+            raise step
+        return defer.succeed(step)
+
+    def check(self):
+        return defer.succeed(CheckResult(()))
+
+
+class QueueTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(T0)
+        self.store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "q.db"), reactor)
+        yield self.store.start(T0)
+        self.addCleanup(self.store.stop, T0)
+
+    def runner(self, provider, **delivery):
+        d = DeliveryConfig(**{"retry": (60.0, 300.0), "max_age": 86400.0, "concurrency": 2,
+                              **delivery})
+        r = QueueRunner(self.store, provider, d, self.clock, poll_interval=1.0)
+        r.startService()
+        self.addCleanup(lambda: r.stopService(grace=0) if r.running else None)
+        return r
+
+    @defer.inlineCallbacks
+    def settle(self, rounds=30):
+        """Let store threads and the fake clock take turns until quiet."""
+        for _ in range(rounds):
+            self.clock.advance(0)
+            yield task.deferLater(reactor, 0.005, lambda: None)
+
+    @defer.inlineCallbacks
+    def advance(self, seconds, step=1.0):
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() < end:
+            self.clock.advance(min(step, end - self.clock.seconds()))
+            yield self.settle(4)
+        yield self.settle()
+
+    @defer.inlineCallbacks
+    def accept(self, n=0, **kw):
+        env = envelope(n, now=self.clock.seconds(), **kw)
+        yield self.store.accept(env, iter([b"Subject: x\r\n\r\nbody %d\r\n" % n]))
+        return env
+
+    @defer.inlineCallbacks
+    def status(self, env):
+        d = yield self.store.delivery(env.id)
+        return d["status"]
+
+    @defer.inlineCallbacks
+    def test_accepted_message_is_delivered_on_wake(self):
+        provider = ScriptedProvider()
+        r = self.runner(provider)
+        env = yield self.accept()
+        r.wake()
+        yield self.settle()
+        self.assertEqual((yield self.status(env)), "sent")
+        [(mid, mailbox, recipients, body)] = provider.calls
+        self.assertEqual((mid, recipients), (env.id, env.recipients))
+        self.assertEqual(body, b"Subject: x\r\n\r\nbody 0\r\n")
+
+    @defer.inlineCallbacks
+    def test_temporary_failures_follow_the_schedule(self):
+        provider = ScriptedProvider([Outcome.temporary("503 busy"), Outcome.temporary("503 busy"),
+                                     Outcome.sent("202")])
+        r = self.runner(provider)
+        env = yield self.accept()
+        r.wake()
+        yield self.settle()
+        self.assertEqual(len(provider.calls), 1)
+        yield self.advance(59)
+        self.assertEqual(len(provider.calls), 1)
+        yield self.advance(2)
+        self.assertEqual(len(provider.calls), 2)
+        yield self.advance(290)
+        self.assertEqual(len(provider.calls), 2)
+        yield self.advance(15)
+        self.assertEqual(len(provider.calls), 3)
+        d = yield self.store.delivery(env.id)
+        self.assertEqual(d["status"], "sent")
+        self.assertEqual([a["outcome"] for a in d["attempts"]], ["temporary", "temporary", "sent"])
+
+    @defer.inlineCallbacks
+    def test_retry_after_holds_the_whole_mailbox(self):
+        provider = ScriptedProvider([Outcome.temporary("429 throttled", not_before=T0 + 120,
+                                                       mailbox_wide=True)])
+        r = self.runner(provider, concurrency=1)
+        a = yield self.accept(1, mailbox="m@x.org")
+        yield self.settle()
+        r.wake()
+        yield self.settle()
+        b = yield self.accept(2, mailbox="m@x.org")
+        c = yield self.accept(3, mailbox="other@x.org")
+        r.wake()
+        yield self.advance(60)
+        # the other mailbox went; this one waits even for its other message
+        self.assertEqual([call[1] for call in provider.calls], ["m@x.org", "other@x.org"])
+        self.assertEqual((yield self.status(b)), "queued")
+        yield self.advance(65)
+        self.assertEqual((yield self.status(a)), "sent")
+        self.assertEqual((yield self.status(b)), "sent")
+        self.assertEqual((yield self.status(c)), "sent")
+
+    @defer.inlineCallbacks
+    def test_concurrency_per_mailbox(self):
+        provider = ScriptedProvider(["hang"] * 6)
+        r = self.runner(provider, concurrency=2)
+        for i in range(4):
+            yield self.accept(i, mailbox="busy@x.org")
+        yield self.accept(9, mailbox="free@x.org")
+        r.wake()
+        yield self.advance(3)
+        mailboxes = [c[1] for c in provider.calls]
+        self.assertEqual(sorted(mailboxes), ["busy@x.org", "busy@x.org", "free@x.org"])
+        for d in provider.hanging:
+            d.callback(Outcome.sent("ok"))
+        yield self.advance(3)
+        self.assertEqual(len(provider.calls), 5)
+        for d in provider.hanging[3:]:
+            d.callback(Outcome.sent("ok"))
+        yield self.settle()
+        stats = yield self.store.stats(self.clock.seconds())
+        self.assertEqual(stats["sent"], 5)
+
+    @defer.inlineCallbacks
+    def test_max_age_fails_for_good(self):
+        provider = ScriptedProvider(default=Outcome.temporary("connection refused"))
+        r = self.runner(provider, retry=(3600.0,), max_age=3 * 3600.0)
+        env = yield self.accept()
+        r.wake()
+        yield self.advance(4 * 3600, step=600)
+        d = yield self.store.delivery(env.id)
+        self.assertEqual(d["status"], "failed")
+        self.assertEqual(d["attempts"][-1]["outcome"], "expired")
+        self.assertIn("connection refused", d["error"])
+        self.assertEqual(len(provider.calls), 4)  # 0h, 1h, 2h, and the last one at 3h
+
+    @defer.inlineCallbacks
+    def test_permanent_failure_fails_at_once(self):
+        provider = ScriptedProvider([Outcome.permanent("404 ErrorInvalidUser")])
+        r = self.runner(provider)
+        env = yield self.accept()
+        r.wake()
+        yield self.settle()
+        d = yield self.store.delivery(env.id)
+        self.assertEqual((d["status"], d["error"]), ("failed", "404 ErrorInvalidUser"))
+
+    @defer.inlineCallbacks
+    def test_a_provider_exception_is_a_temporary_failure(self):
+        provider = ScriptedProvider([RuntimeError("boom")])
+        r = self.runner(provider)
+        env = yield self.accept()
+        r.wake()
+        yield self.settle()
+        d = yield self.store.delivery(env.id)
+        self.assertEqual(d["status"], "deferred")
+        self.assertIn("internal error in the scripted provider: RuntimeError", d["error"])
+        self.flushLoggedErrors(RuntimeError)
+
+    @defer.inlineCallbacks
+    def test_a_provider_that_never_answers_is_cut_off_as_ambiguous(self):
+        provider = ScriptedProvider(default="hang")
+        r = self.runner(provider)
+        env = yield self.accept()
+        r.wake()
+        yield self.advance(100, step=10)
+        d = yield self.store.delivery(env.id)
+        self.assertEqual(d["status"], "deferred")
+        self.assertIn("may have been sent", d["error"])
+
+    @defer.inlineCallbacks
+    def test_stop_releases_leases_of_unfinished_deliveries(self):
+        provider = ScriptedProvider(["hang"])
+        r = self.runner(provider)
+        env = yield self.accept()
+        r.wake()
+        yield self.settle()
+        stopping = r.stopService(grace=5)
+        yield self.advance(6)
+        yield stopping
+        d = yield self.store.delivery(env.id)
+        self.assertEqual(d["state"], "queued")
+        [claim] = yield self.store.claim(self.clock.seconds(), 10, self.clock.seconds() + 60, 4)
+        self.assertEqual(claim.id, env.id)
