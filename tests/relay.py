@@ -56,6 +56,9 @@ class RelayProcess:
         self.config_path = self.directory / "relay.toml"
         self.log_path = self.directory / "twistd.log"
         self.env = dict(os.environ, **(env or {}))
+        # the relay under test is this checkout, whatever the venv was installed from
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO)] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p])
         self.env.pop("REQUESTS_CA_BUNDLE", None)
         self.env.pop("CURL_CA_BUNDLE", None)
         self.logger = logger
