@@ -90,7 +90,9 @@ class RelayProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log()
-            m = re.search(r"ready: SMTP on (\S+(?:, \S+)*), provider", text)
+            # plain text, or the fields of a JSON line (--logger smtprelay.logs.json_observer)
+            m = (re.search(r"ready: SMTP on (\S+:\d+(?:, \S+:\d+)*), provider", text)
+                 or re.search(r'"listen": "(\S+:\d+(?:, \S+:\d+)*)"', text))
             if m:
                 self.smtp_ports = [int(a.rsplit(":", 1)[1]) for a in m.group(1).split(", ")]
                 a = re.search(r"admin API on \S+:(\d+)", text)
