@@ -128,7 +128,9 @@ class SMTPConfig:
     max_message_size: int = 35_000_000
     max_recipients: int = 500
     max_connections: int = 200
+    max_connections_per_address: int = 50
     idle_timeout: float = 300.0
+    stress_timeout: float = 10.0
     allowed_networks: tuple = ()
     tls_certificate: str = ""
     tls_key: str = ""
@@ -563,7 +565,9 @@ def _smtp(reader, t):
         max_message_size=t.size("max_message_size", 35_000_000),
         max_recipients=t.integer("max_recipients", 500, minimum=1),
         max_connections=t.integer("max_connections", 200, minimum=1),
+        max_connections_per_address=t.integer("max_connections_per_address", 50, minimum=1),
         idle_timeout=t.duration("idle_timeout", 300.0, minimum=1.0),
+        stress_timeout=t.duration("stress_timeout", 10.0, minimum=1.0),
         allowed_networks=_networks(t, "allowed_networks"),
         tls_certificate=cert,
         tls_key=key,

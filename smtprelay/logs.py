@@ -1,36 +1,33 @@
 """Log observers: plain text or JSON lines, with secrets scrubbed.
 
 The relay never logs a secret on purpose; these observers are the second
-line: any configured secret value that still reaches an event (in a message,
-a field or a traceback) is replaced by ``[redacted]`` before it is written.
-Use ``twistd --logger smtprelay.logs.json_observer`` for JSON lines.
+line: any configured secret value (or its base64 form, as in an AUTH line)
+that still reaches an event, in a message, a field or a traceback, is
+replaced by ``[redacted]`` before it is written.
+
+The plugin installs the plain one by default (same destination as twistd's
+own: stdout under ``-n``, else ``--logfile``); ``twistd
+--logger=smtprelay.logs.json_observer`` gives JSON lines.
 """
 
+import base64
 import io
-import json
 import sys
 
-from twisted.logger import (
-    FileLogObserver,
-    eventAsJSON,
-    formatEvent,
-    formatEventAsClassicLogText,
-    jsonFileLogObserver,
-    textFileLogObserver,
-)
+from twisted.logger import jsonFileLogObserver, textFileLogObserver
+from twisted.python import logfile
 
 _secrets = []
 
 
 def set_secrets(values):
     """Values to scrub from every log event (called when a config is loaded)."""
-    _secrets[:] = sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
-    for v in list(_secrets):
-        import base64
-
-        b64 = base64.b64encode(v.encode()).decode()
-        if b64 not in _secrets:
-            _secrets.append(b64)
+    found = set()
+    for v in values:
+        if v and len(v) >= 4:
+            found.add(v)
+            found.add(base64.b64encode(v.encode("utf-8")).decode("ascii").rstrip("="))
+    _secrets[:] = sorted(found, key=len, reverse=True)
 
 
 def scrub(text):
@@ -61,9 +58,14 @@ def json_observer(out=None):
     return jsonFileLogObserver(_ScrubbingFile(out or sys.stdout))
 
 
-def format_plain(event):
-    return scrub(formatEventAsClassicLogText(event) or "")
-
-
-__all__ = ["set_secrets", "scrub", "text_observer", "json_observer", "FileLogObserver",
-           "eventAsJSON", "formatEvent", "json"]
+def observer_for_twistd(twistd_options):
+    """The scrubbing text observer at the destination twistd would use, or None
+    (syslog, or options we cannot read: then twistd's own observer stays)."""
+    if twistd_options is None or twistd_options.get("syslog"):
+        return None
+    path = twistd_options.get("logfile")
+    if path == "-" or (not path and twistd_options.get("nodaemon")):
+        return text_observer(sys.stdout)
+    if not path:
+        path = "twistd.log"
+    return text_observer(logfile.LogFile.fromFullPath(path))

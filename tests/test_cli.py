@@ -111,3 +111,24 @@ def test_systemd_unit_runs_the_plugin_sandboxed():
     for directive in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
                       "KillSignal=SIGTERM", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE"):
         assert directive in unit
+
+
+def test_default_logs_scrub_secrets_even_from_client_input(tmp_path):
+    """A secret a client sends back at us (here as a user name) is scrubbed too."""
+    import base64
+
+    secret = "admin-token-literal-77c1"
+    relay = RelayProcess(tmp_path / "r", {"smtp": {"auth": {"users": {"app": "pw-pw-pw"}}},
+                                          "admin": {"token": secret}})
+    relay.start()
+    try:
+        with RawSMTP(relay.port) as c:
+            c.reply()
+            c.cmd("EHLO x")
+            r = c.cmd("AUTH PLAIN " + base64.b64encode(b"\0" + secret.encode() + b"\0x").decode())
+            assert r.code == 535
+    finally:
+        relay.stop()
+    log = relay.log(whole=True)
+    assert "AUTH failed for user [redacted]" in log
+    assert secret not in log

@@ -155,24 +155,36 @@ class RelaySMTP(ESMTP):
             refusal = (421, "4.7.0", f"{door.hostname} Too many connections; try again later")
             log.warn("refused {host}: smtp.max_connections ({n}) reached", host=host,
                      n=smtp.max_connections)
+        elif door.per_address.get(host, 0) >= smtp.max_connections_per_address:
+            refusal = (421, "4.7.0", f"{door.hostname} Too many connections from your address")
+            log.warn("refused {host}: smtp.max_connections_per_address ({n}) reached",
+                     host=host, n=smtp.max_connections_per_address)
         if refusal:
             self._closing = True
             self.reply(*refusal)
             self.transport.loseConnection()
             return
-        door.sessions.add(self)
+        door.open_session(self)
         self.reply(220, None, f"{door.hostname} ESMTP smtprelay")
-        self.setTimeout(self.timeout)
+        self.progress()
 
     def connectionLost(self, reason=protocol.connectionDone):
-        self.door.sessions.discard(self)
+        self.door.close_session(self)
         self.setTimeout(None)
         self._reset_transaction()
+
+    def progress(self):
+        """The client completed something (a line): restart the idle timer.
+
+        Only whole lines count, not bytes, so that a client sending a byte a
+        second (slowloris) cannot hold a session; when the relay is nearly
+        full the timer is the short ``smtp.stress_timeout``."""
+        self.setTimeout(self.door.session_timeout())
 
     def timeoutConnection(self):
         if self._busy:
             # the client waits on us (a commit, a direct-mode delivery), not we on it
-            self.resetTimeout()
+            self.progress()
             return
         log.info("idle timeout for {host}", host=self.peer_host)
         self.reply(421, "4.4.2", f"{self.door.hostname} Error: timeout exceeded")
@@ -217,7 +229,6 @@ class RelaySMTP(ESMTP):
     def dataReceived(self, data):
         if self._closing:
             return
-        self.resetTimeout()
         self._buffer += data
         self._process()
 
@@ -244,6 +255,7 @@ class RelaySMTP(ESMTP):
                 continue
             if line.endswith(b"\r"):
                 line = line[:-1]
+            self.progress()
             if len(line) > limit:
                 self.reply(500, "5.5.2", "Line too long")
             elif self._auth is not None:
@@ -598,6 +610,8 @@ class RelaySMTP(ESMTP):
         chunk = bytes(self._buffer)
         self._buffer.clear()
         result = self._reader.feed(chunk)
+        if result.content or result.done:
+            self.progress()
         if result.content:
             try:
                 self._spool.write(result.content)
@@ -768,7 +782,42 @@ class FrontDoor:
         self.metrics = metrics
         self.hostname = config.smtp.hostname
         self.sessions = set()
+        self.per_address = {}
         self.accepting = True
+
+    # -- sessions and stress ----------------------------------------------------
+
+    @property
+    def under_stress(self):
+        """Nearly full (80 % of smtp.max_connections): slow clients go first."""
+        return len(self.sessions) >= 0.8 * self.config.smtp.max_connections
+
+    def session_timeout(self):
+        smtp = self.config.smtp
+        if self.under_stress:
+            return min(smtp.idle_timeout, smtp.stress_timeout)
+        return smtp.idle_timeout
+
+    def open_session(self, session):
+        was_stressed = self.under_stress
+        self.sessions.add(session)
+        host = session.peer_host
+        self.per_address[host] = self.per_address.get(host, 0) + 1
+        if self.under_stress and not was_stressed:
+            log.warn("{n} SMTP sessions: under stress, idle sessions now time out after "
+                     "{t:.0f}s", n=len(self.sessions), t=self.session_timeout())
+            for s in list(self.sessions):
+                s.progress()
+
+    def close_session(self, session):
+        if session in self.sessions:
+            self.sessions.discard(session)
+            host = session.peer_host
+            left = self.per_address.get(host, 1) - 1
+            if left > 0:
+                self.per_address[host] = left
+            else:
+                self.per_address.pop(host, None)
 
     def wake_queue(self):
         if self.runner is not None:
