@@ -6,6 +6,8 @@ enabled, so for those the cipher list is opened with ``@SECLEVEL=0``.
 """
 
 from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 _VERSIONS = {
     "1.0": SSL.TLS1_VERSION,
@@ -19,8 +21,9 @@ _MODERN_CIPHERS = (
 _LEGACY_CIPHERS = b"DEFAULT:@SECLEVEL=0"
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ServerContextFactory:
-    """A reusable server-side context; Twisted calls ``getContext()``."""
+    """A reusable server-side context for ``listenSSL`` and ``startTLS``."""
 
     def __init__(self, certificate_path, key_path, minimum_version="1.2"):
         self.minimum_version = minimum_version
@@ -40,6 +43,9 @@ class ServerContextFactory:
 
     def getContext(self):
         return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        return SSL.Connection(self._context, None)
 
 
 def certificate_not_after(pem_path):

@@ -41,3 +41,13 @@ def relay(start_relay):
 @pytest.fixture
 def tls_config(ca):
     return {"smtp": {"tls_certificate": str(ca.server_cert), "tls_key": str(ca.server_key)}}
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests import torture
+
+    lines = torture.report_lines()
+    if lines:
+        terminalreporter.section("hostile world figures")
+        for line in lines:
+            terminalreporter.write_line(line)

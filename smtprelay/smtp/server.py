@@ -499,7 +499,7 @@ class RelaySMTP(ESMTP):
     def _auth_failed(self, username, why):
         host = self.peer_host
         log.warn("AUTH failed for user {user} from {host}: {why}",
-                 user=_printable(username, 64), host=host, why=why)
+                 user=self._loggable_user(username), host=host, why=why)
         if self.door.lockout.failure(host):
             log.warn("locking out {host} for {s:.0f}s after {n} failed AUTH attempts",
                      host=host, s=self.door.lockout.window, n=self.door.lockout.max_failures)
@@ -507,6 +507,22 @@ class RelaySMTP(ESMTP):
             self._close()
             return
         self.reply(535, "5.7.8", "Authentication credentials invalid")
+
+    _USER_NAME = re.compile(rb"[A-Za-z0-9._@+=-]{1,64}")
+
+    def _loggable_user(self, username):
+        """The user name for the log: clients type passwords into it, or send a
+        whole PLAIN payload as a LOGIN name; only a configured name, or one
+        that looks like a name, is written as sent."""
+        try:
+            text = username.decode("utf-8")
+        except UnicodeDecodeError:
+            return "(unprintable user name)"
+        if text in self.config.smtp.auth.users:
+            return text
+        if self._USER_NAME.fullmatch(username):
+            return f"{text} (unknown)"
+        return "(unprintable user name)"
 
     # -- the envelope -----------------------------------------------------------------------------
 
