@@ -19,6 +19,7 @@ import os
 import smtplib
 import tempfile
 import time
+import warnings
 
 import pytest
 from hypothesis import given
@@ -422,6 +423,33 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual([a[2] for a in up.auth_attempts], [True])
 
     @defer.inlineCallbacks
+    def test_tls_below_1_2_is_refused(self):
+        import ssl
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old = (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1)
+        up = self.upstream(users=USERS, tls_versions=old)
+        outcome = yield self.secure(up).send(message(b"Subject: x\r\n\r\nx\r\n"))
+        self.assertIs(outcome.result, Result.TEMPORARY)
+        self.assertTrue(outcome.detail.startswith("TLS: handshake failed"), outcome.detail)
+        self.assertEqual((up.mail_commands, up.auth_attempts), ([], []))
+
+    @defer.inlineCallbacks
+    def test_a_server_without_esmtp_gets_helo_only_when_nothing_needs_esmtp(self):
+        sink = self.sink("-e")  # smtp-sink: "Do not announce ESMTP support"
+        outcome = yield self.provider(sink.port, security="none").send(
+            message(b"Subject: x\r\n\r\nx\r\n"))
+        self.assertIs(outcome.result, Result.SENT, outcome)
+        self.assertEqual(sink.messages()[0].helo, "relay.test")
+        outcome = yield self.provider(sink.port, security="none", username="relayuser",
+                                      password=PASSWORD).send(message(b"Subject: x\r\n\r\nx\r\n"))
+        self.assertIs(outcome.result, Result.TEMPORARY)
+        self.assertTrue(outcome.detail.startswith(f"EHLO refused by 127.0.0.1:{sink.port}: 5"),
+                        outcome.detail)
+        self.assertEqual(len(sink.messages()), 1)
+
+    @defer.inlineCallbacks
     def test_wrong_password_is_temporary_with_the_upstream_reply(self):
         up = self.upstream(users=USERS)
         outcome = yield self.secure(up, password="wrong").send(message(b"Subject: x\r\n\r\nx\r\n"))
@@ -493,7 +521,15 @@ class ProviderTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_recipients_refused_and_accepted_in_one_transaction(self):
-        up = self.upstream(users=USERS)
+        yield self.check_recipients_refused_and_accepted(pipelining=False)
+
+    @defer.inlineCallbacks
+    def test_recipients_refused_and_accepted_in_one_transaction_pipelined(self):
+        yield self.check_recipients_refused_and_accepted(pipelining=True)
+
+    @defer.inlineCallbacks
+    def check_recipients_refused_and_accepted(self, pipelining):
+        up = self.upstream(users=USERS, pipelining=pipelining)
         up.rcpt_reply = {
             "busy@example.net": "451 4.2.0 <busy@example.net>: mailbox busy",
             "gone@example.net": "550 5.1.1 <gone@example.net>: Recipient address rejected",
@@ -537,7 +573,12 @@ class ProviderTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_sender_refused(self):
-        up = self.upstream(users=USERS)
+        for pipelining in (False, True):
+            yield self.check_sender_refused(pipelining)
+
+    @defer.inlineCallbacks
+    def check_sender_refused(self, pipelining):
+        up = self.upstream(users=USERS, pipelining=pipelining)
         p = self.secure(up)
         for reply, result in [
             ("553 5.7.1 <app@example.com>: Sender address rejected: not owned by user",

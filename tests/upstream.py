@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import attr
@@ -47,6 +48,10 @@ class _Handler:
         if self.up.users is None:
             # aiosmtpd announces AUTH even without users: this upstream offers none
             responses = [r for r in responses if not r[4:].startswith("AUTH")]
+        if self.up.pipelining:
+            # aiosmtpd reads one command at a time from its stream, so it copes
+            # with pipelined commands; it just does not say so
+            responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
@@ -134,8 +139,10 @@ class Upstream:
     """
 
     def __init__(self, ca, mode="starttls", users=None, auth_plaintext=False, cert=None,
-                 exclude_auth=(), data_size_limit=None, idle_timeout=60):
+                 exclude_auth=(), data_size_limit=None, idle_timeout=60, pipelining=False,
+                 tls_versions=None):
         self.ca = ca
+        self.pipelining = pipelining
         self.mode = mode
         self.users = users
         self.messages = []  # accepted
@@ -157,6 +164,12 @@ class Upstream:
         cert, key = cert or (ca.server_cert, ca.server_key)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(str(cert), str(key))
+        if tls_versions:
+            # an old server: only these versions (OpenSSL needs SECLEVEL 0 for < 1.2)
+            with warnings.catch_warnings():  # "ssl.TLSVersion.TLSv1 is deprecated": the point
+                warnings.simplefilter("ignore", DeprecationWarning)
+                context.minimum_version, context.maximum_version = tls_versions
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")
         kw = dict(server_hostname="upstream.test", timeout=idle_timeout)
         if mode == "starttls":
             kw["tls_context"] = context

@@ -37,7 +37,7 @@ import collections
 import socket
 
 from OpenSSL import SSL
-from twisted.internet import defer, endpoints, error
+from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet import ssl as tls
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
@@ -433,6 +433,19 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
         return entry.deferred
 
 
+class _OneShotFactory(protocol.Factory):
+    """``connectProtocol``'s factory without its "Starting factory" log lines,
+    one pair per upstream connection."""
+
+    noisy = False
+
+    def __init__(self, proto):
+        self._proto = proto
+
+    def buildProtocol(self, addr):
+        return self._proto
+
+
 # ---------------------------------------------------------------------------
 # the connection pool
 
@@ -632,14 +645,21 @@ class SMTPProvider(ProviderBase):
 
     # -- failures -----------------------------------------------------------------------
 
-    def _describe(self, exc, creator=None):
-        """One line for a failure without a usable reply."""
+    def _describe(self, exc, creator=None, handshaking=False):
+        """One line for a failure without a usable reply.
+
+        ``handshaking``: a TLS handshake had begun and not finished, so a
+        connection closed now was closed on the handshake (a server refusing
+        our TLS versions often just drops the connection).
+        """
         if isinstance(exc, ConnectionClosed):
             if replies.is_tls_failure(exc.reason):
                 reason = creator.verify_error() if creator is not None else None
                 return replies.describe_tls_failure(exc.reason, self.host, reason)
             text = replies.describe_connection_failure(exc.reason, self.host, self.port,
                                                        self.timeout)
+            if handshaking:
+                return f"TLS: handshake failed ({text})"
             if exc.waiting_for:
                 text += f" (waiting for the reply to {exc.waiting_for})"
             return text
@@ -648,12 +668,6 @@ class SMTPProvider(ProviderBase):
         if isinstance(exc, ConnectionFailed):
             return replies.one_line(f"{self.where}: {exc}")
         return replies.describe_connection_failure(exc, self.host, self.port, self.timeout)
-
-    @staticmethod
-    def _stage_of(exc, default):
-        if isinstance(exc, ConnectionClosed) and replies.is_tls_failure(exc.reason):
-            return "tls"
-        return default
 
     # -- setting up a session -------------------------------------------------------------
 
@@ -680,7 +694,7 @@ class SMTPProvider(ProviderBase):
         if self.security == "tls":
             endpoint = endpoints.wrapClientTLS(creator, endpoint)
         try:
-            connecting = endpoints.connectProtocol(endpoint, proto)
+            connecting = endpoint.connect(_OneShotFactory(proto))
             # HostnameEndpoint's timeout is per address; this bounds DNS as well
             connecting.addTimeout(self.timeout, self._reactor)
             await connecting
@@ -715,10 +729,12 @@ class SMTPProvider(ProviderBase):
             raise
         except ConnectionFailed as e:
             proto.abort()
-            if stage == "tls" and self.security == "tls" and proto.tls:
+            handshaking = creator is not None and creator.connection is not None and not proto.tls
+            if handshaking or replies.is_tls_failure(getattr(e, "reason", None)):
+                stage = "tls"
+            elif stage == "tls" and self.security == "tls":
                 stage = "connect"  # the handshake was done: the greeting is what failed
-            raise UpstreamFailure(self._describe(e, creator), self._stage_of(e, stage),
-                                  notes) from None
+            raise UpstreamFailure(self._describe(e, creator, handshaking), stage, notes) from None
         except BaseException:
             proto.abort()
             raise
@@ -814,7 +830,12 @@ class SMTPProvider(ProviderBase):
                 return Outcome.temporary(str(e))
             reused = proto.transactions > 0
             proto.data_sent = proto.dot_sent = False
-            outcome, failed_before_data = await self._transaction(proto, message, reused)
+            try:
+                outcome, failed_before_data = await self._transaction(proto, message, reused)
+            except BaseException:
+                # cancelled, or a bug: the exchange is in an unknown state
+                proto.abort()
+                raise
             proto.transactions += 1
             if failed_before_data and reused and attempt == 1:
                 # The connection had been idle: the server may have closed it
