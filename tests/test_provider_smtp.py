@@ -27,6 +27,8 @@ from hypothesis import strategies as st
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, error, reactor, task
+from twisted.internet.testing import StringTransport
+from twisted.python import failure
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -34,7 +36,16 @@ from smtprelay import config, schedule
 from smtprelay.model import Claim, Result, Status
 from smtprelay.providers import _smtp_replies as replies
 from smtprelay.providers.base import OutgoingMessage
-from smtprelay.providers.smtp import SMTPProvider, _path
+from smtprelay.providers.smtp import (
+    BodyStalled,
+    ConnectionClosed,
+    PrematureReply,
+    ProtocolViolation,
+    ReplyTimeout,
+    SMTPProvider,
+    UpstreamProtocol,
+    _path,
+)
 from tests.fakes.tlsca import TestCA
 from tests.relay import RelayProcess, strip_received
 from tests.upstream import SmtpSink, Upstream, free_port, silent_listener
@@ -167,6 +178,113 @@ def test_envelope_paths_cannot_inject_commands():
     for bad in ("a@b.c>\r\nRCPT TO:<evil@x", "a@b.c\nDATA", "caf\u00e9@x", "a\x00@b"):
         with pytest.raises(ValueError):
             _path(bad)
+
+
+# ---------------------------------------------------------------------------
+# the protocol alone: a Clock and a StringTransport (what the server says, exactly)
+
+
+class ProtocolTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.proto = UpstreamProtocol(b"relay.test", self.clock, 10.0)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.greeting = self.proto.greeting
+
+    def reply_of(self, d):
+        return self.successResultOf(d)
+
+    def test_greeting_then_pipelined_commands_get_their_replies_in_order(self):
+        self.proto.dataReceived(b"220 upstream ESMTP\r\n")
+        self.assertEqual(self.reply_of(self.greeting), replies.Reply(220, ("upstream ESMTP",)))
+        mail = self.proto.command(b"MAIL FROM:<a@x>", "MAIL FROM")
+        rcpt = self.proto.command(b"RCPT TO:<b@x>", "RCPT TO")
+        self.assertEqual(self.transport.value(), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\n")
+        self.proto.dataReceived(b"250 2.1.0 Ok\r\n550-5.1.1 no such\n550 5.1.1 user\r\n")
+        self.assertEqual(str(self.reply_of(mail)), "250 2.1.0 Ok")
+        self.assertEqual(str(self.reply_of(rcpt)), "550 5.1.1 no such user")
+        self.assertTrue(self.proto.usable)
+
+    def test_silence_fails_the_pending_command_after_the_timeout(self):
+        self.clock.advance(9.9)
+        self.assertNoResult(self.greeting)
+        self.clock.advance(0.2)
+        failure = self.failureResultOf(self.greeting, ReplyTimeout)
+        self.assertEqual(str(failure.value), "no reply to the greeting within 10s")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_no_timer_while_idle(self):
+        self.proto.dataReceived(b"220 hi\r\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.proto.command(b"NOOP", "NOOP")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_plaintext_after_the_starttls_reply_is_refused(self):
+        self.proto.dataReceived(b"220 hi\r\n")
+        d = self.proto.command(b"STARTTLS", "STARTTLS")
+        # a man in the middle appends a fake post-TLS EHLO answer
+        self.proto.dataReceived(b"220 2.0.0 go ahead\r\n250-evil\r\n250 AUTH PLAIN\r\n")
+        self.failureResultOf(d, ProtocolViolation)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_reply_during_the_body_stops_it_at_once(self):
+        self.proto.dataReceived(b"220 hi\r\n")
+        d = self.proto.send_body(io.BytesIO((b"x" * 78 + b"\r\n") * 10_000))
+        producer = self.transport.producer
+        producer.resumeProducing()
+        sent = len(self.transport.value())
+        self.proto.dataReceived(b"552 5.3.4 too big\r\n")
+        failure = self.failureResultOf(d, PrematureReply)
+        self.assertEqual(str(failure.value.reply), "552 5.3.4 too big")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.proto.dot_sent)
+        producer.resumeProducing()  # a transport asking for more after all
+        self.assertEqual(len(self.transport.value()), sent)
+
+    def test_the_body_deadline_counts_progress_not_total_time(self):
+        self.proto.dataReceived(b"220 hi\r\n")
+        body = (b"." * 100 + b"\r\n") * 3000
+        d = self.proto.send_body(io.BytesIO(body))
+        for _ in range(4):  # slow but steady: 9s per 64 KiB
+            self.clock.advance(9)
+            self.transport.producer.resumeProducing()
+        self.assertNoResult(d)
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        self.assertTrue(self.proto.dot_sent)
+        wire = self.transport.value()
+        self.assertTrue(wire.endswith(b"\r\n.\r\n"))
+        self.assertEqual(wire.count(b"\r\n.\r\n"), 1)
+        self.clock.advance(10.1)  # now the reply to the end of data is late
+        self.failureResultOf(d, ReplyTimeout)
+
+    def test_a_stalled_body_times_out(self):
+        self.proto.dataReceived(b"220 hi\r\n")
+        d = self.proto.send_body(io.BytesIO(b"x\r\n" * 100_000))
+        self.transport.producer.resumeProducing()
+        self.clock.advance(10.1)
+        self.failureResultOf(d, BodyStalled)
+        self.assertFalse(self.proto.dot_sent)
+
+    def test_unsolicited_and_malformed_replies_end_the_connection(self):
+        self.proto.dataReceived(b"220 hi\r\n")
+        self.proto.dataReceived(b"250 nobody asked\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.proto.usable)
+        other = UpstreamProtocol(b"relay.test", self.clock, 10.0)
+        other.makeConnection(StringTransport())
+        other.dataReceived(b"hello there\r\n")
+        self.failureResultOf(other.greeting, ProtocolViolation)
+
+    def test_connection_lost_fails_every_pending_command(self):
+        self.proto.dataReceived(b"220 hi\r\n")
+        a = self.proto.command(b"MAIL FROM:<a@x>", "MAIL FROM")
+        b = self.proto.command(b"RCPT TO:<b@x>", "RCPT TO")
+        self.proto.connectionLost(failure.Failure(error.ConnectionDone()))
+        self.assertEqual(self.failureResultOf(a, ConnectionClosed).value.waiting_for, "MAIL FROM")
+        self.failureResultOf(b, ConnectionClosed)
+        self.failureResultOf(self.proto.command(b"NOOP", "NOOP"), ConnectionClosed)
 
 
 # ---------------------------------------------------------------------------

@@ -238,6 +238,7 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
         self.transactions = 0
         self.slot = None
         self.notes = {}
+        self._body_sender = None
 
     # -- connection life --------------------------------------------------------------
 
@@ -282,6 +283,11 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
             self._failure = exc or ConnectionFailed("the connection was closed by the relay")
         self._cancel_timer()
         self._fail_pending()
+        sender, self._body_sender = self._body_sender, None
+        if sender is not None and sender.deferred is not None:
+            # not one more octet of the body: it could be read as commands
+            sender.file = None
+            sender.stopProducing()
         if self.open and self.transport is not None:
             self.transport.abortConnection()
 
@@ -373,6 +379,13 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
             # read as commands.  Stop now.
             self.abort(PrematureReply(reply))
             return
+        if entry.what == "STARTTLS" and self._buffer:
+            # Bytes after the 220 arrived in plaintext but would be read as the
+            # server's first words under TLS: a reply injection (CVE-2011-0411
+            # class).  Nothing sent in clear may count once TLS is up.
+            self.abort(ProtocolViolation("the server sent more after its STARTTLS reply "
+                                         "(plaintext injected into the TLS session?)"))
+            return
         self._pending.popleft()
         self._arm()
         entry.deferred.callback(reply)
@@ -413,9 +426,11 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
             return encoder.feed(chunk)
 
         body.seek(0)
-        done = _BodySender().beginFileTransfer(body, self.transport, transform)
+        self._body_sender = _BodySender()
+        done = self._body_sender.beginFileTransfer(body, self.transport, transform)
 
         def finished(_):
+            self._body_sender = None
             if self._failure is not None or not self.open or entry.deferred.called:
                 return
             self.transport.write(encoder.finish())
@@ -424,6 +439,7 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
             self._arm()
 
         def failed(f):
+            self._body_sender = None
             # the transport stopped us: the connection is going, and
             # connectionLost tells the pending reply why
             if self._failure is None:
