@@ -865,6 +865,21 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(p._pool.open_connections, 0)
         self.assertTrue((yield wait_until(lambda: up.open_now == 0)))
 
+    @defer.inlineCallbacks
+    def test_unusable_ca_file_is_reported_and_nothing_is_sent(self):
+        up = self.upstream(users=USERS)
+        bad = os.path.join(tempfile.mkdtemp(), "not-a-ca.pem")
+        with open(bad, "w") as f:
+            f.write("this is not PEM\n")
+        p = self.secure(up, ca_file=bad)
+        self.assertEqual(len(p.warnings()), 1)
+        self.assertTrue(p.warnings()[0].startswith(f"TLS: cannot use provider.ca_file {bad}"))
+        outcome = yield p.send(message(b"Subject: x\r\n\r\nx\r\n"))
+        self.assertEqual((outcome.result, outcome.detail), (Result.TEMPORARY, p.warnings()[0]))
+        result = yield p.check()
+        self.assertFalse(result.ok)
+        self.assertEqual(up.connections, 0)
+
     # -- check() -----------------------------------------------------------------------------
 
     @defer.inlineCallbacks
@@ -906,6 +921,17 @@ class ProviderTests(unittest.TestCase):
         result = yield self.secure(wrong_host).check()
         self.assertEqual(summary(result), [("connect", True), ("tls", False), ("auth", False)])
         self.assertIn("hostname mismatch", result.steps[1].detail)
+
+        # the security mode does not match the port
+        result = yield self.secure(plain, security="tls").check()
+        self.assertEqual(summary(result), [("connect", True), ("tls", False), ("auth", False)])
+        self.assertTrue(result.steps[1].detail.startswith("TLS: handshake failed"),
+                        result.steps[1].detail)
+        implicit = self.upstream(mode="tls", users=USERS)
+        result = yield self.secure(implicit, security="starttls", timeout="1s").check()
+        self.assertEqual(summary(result), [("connect", False), ("tls", False), ("auth", False)])
+        self.assertEqual(result.steps[0].detail,
+                         f"127.0.0.1:{implicit.port}: no reply to the greeting within 1s")
 
         result = yield self.provider(plain.port, security="none").check()
         self.assertTrue(result.ok)
