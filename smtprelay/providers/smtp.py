@@ -153,14 +153,16 @@ class _RecordingCreator:
 
             code = lib.SSL_get_verify_result(self.connection._ssl)
             if code:
-                return ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+                text = ffi.string(lib.X509_verify_cert_error_string(code))
+                return text.decode("ascii", "replace")
         except Exception:
             pass
         return None
 
     def description(self):
         try:
-            return f"{self.connection.get_protocol_version_name()} {self.connection.get_cipher_name()}"
+            c = self.connection
+            return f"{c.get_protocol_version_name()} {c.get_cipher_name()}"
         except Exception:
             return "TLS"
 
@@ -443,7 +445,8 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
             # the transport stopped us: the connection is going, and
             # connectionLost tells the pending reply why
             if self._failure is None:
-                self.abort(ConnectionFailed(f"reading the stored message failed: {f.getErrorMessage()}"))
+                self.abort(ConnectionFailed(
+                    f"reading the stored message failed: {f.getErrorMessage()}"))
 
         done.addCallbacks(finished, failed)
         return entry.deferred
@@ -781,7 +784,8 @@ class SMTPProvider(ProviderBase):
         try:
             proto.transport.startTLS(creator)
         except Exception as e:
-            raise UpstreamFailure(replies.one_line(f"TLS: cannot start: {e}"), "tls", notes) from None
+            detail = replies.one_line(f"TLS: cannot start: {e}")
+            raise UpstreamFailure(detail, "tls", notes) from None
         # What the server offered before TLS is forgotten (RFC 3207): ask again.
         proto.extensions = {}
         reply = await proto.command(b"EHLO " + proto.identity, "EHLO after STARTTLS")
@@ -1029,6 +1033,7 @@ class SMTPProvider(ProviderBase):
                 else:
                     steps.append(Step(name, False, f"not attempted ({e.stage} failed)"))
             return CheckResult(tuple(steps))
-        steps = tuple(Step(name, True, proto.notes.get(name, "")) for name in ("connect", "tls", "auth"))
+        steps = tuple(Step(name, True, proto.notes.get(name, ""))
+                      for name in ("connect", "tls", "auth"))
         await proto.quit()
         return CheckResult(steps)
