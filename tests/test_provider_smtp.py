@@ -39,6 +39,7 @@ from smtprelay.providers.base import OutgoingMessage
 from smtprelay.providers.smtp import (
     BodyStalled,
     ConnectionClosed,
+    ConnectionFailed,
     PrematureReply,
     ProtocolViolation,
     ReplyTimeout,
@@ -266,6 +267,34 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.clock.advance(10.1)
         self.failureResultOf(d, BodyStalled)
         self.assertFalse(self.proto.dot_sent)
+
+    def test_connection_lost_during_the_body_is_not_ambiguous(self):
+        self.proto.dataReceived(b"220 hi\r\n")
+        d = self.proto.send_body(io.BytesIO(b"x\r\n" * 100_000))
+        self.transport.producer.resumeProducing()
+        # what a TCP transport does when the peer resets the connection
+        self.transport.producer.stopProducing()
+        self.proto.connectionLost(failure.Failure(error.ConnectionLost()))
+        f = self.failureResultOf(d, ConnectionClosed)
+        self.assertIsInstance(f.value.reason, error.ConnectionLost)
+        self.assertEqual(f.value.waiting_for, "the end of data")
+        self.assertFalse(self.proto.dot_sent)
+
+    def test_an_unreadable_stored_message_aborts_without_the_end_of_data(self):
+        class Broken(io.BytesIO):
+            def read(self, n=-1):
+                if self.tell() > 0:
+                    raise OSError(5, "Input/output error")
+                return super().read(n)
+
+        self.proto.dataReceived(b"220 hi\r\n")
+        d = self.proto.send_body(Broken(b"x\r\n" * 100_000))
+        self.transport.producer.resumeProducing()
+        self.transport.producer.resumeProducing()
+        f = self.failureResultOf(d, ConnectionFailed)
+        self.assertEqual(str(f.value), "cannot read the stored message: Input/output error")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertNotIn(b"\r\n.\r\n", self.transport.value())
 
     def test_unsolicited_and_malformed_replies_end_the_connection(self):
         self.proto.dataReceived(b"220 hi\r\n")

@@ -199,6 +199,17 @@ class _BodySender(basic.FileSender):
     # care where chunks end (that is the bug it exists to avoid).
     CHUNK_SIZE = 1 << 16
 
+    def __init__(self, on_read_error):
+        self._on_read_error = on_read_error
+
+    def resumeProducing(self):
+        # FileSender lets a read error escape into the transport, which would
+        # report it as a network failure
+        try:
+            super().resumeProducing()
+        except Exception as e:
+            self._on_read_error(e)
+
 
 @implementer(IHandshakeListener)
 class UpstreamProtocol(twisted_smtp.SMTPClient):
@@ -427,8 +438,12 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
             self._arm()
             return encoder.feed(chunk)
 
+        def unreadable(e):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            self.abort(ConnectionFailed(f"cannot read the stored message: {reason}"))
+
         body.seek(0)
-        self._body_sender = _BodySender()
+        self._body_sender = _BodySender(unreadable)
         done = self._body_sender.beginFileTransfer(body, self.transport, transform)
 
         def finished(_):
@@ -440,13 +455,11 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
             entry.streaming = False
             self._arm()
 
-        def failed(f):
+        def failed(_):
+            # The transport stopped us (FileSender's only failure): the
+            # connection is going, and connectionLost tells the pending reply
+            # why.  Should it not, the body's deadline still runs.
             self._body_sender = None
-            # the transport stopped us: the connection is going, and
-            # connectionLost tells the pending reply why
-            if self._failure is None:
-                self.abort(ConnectionFailed(
-                    f"reading the stored message failed: {f.getErrorMessage()}"))
 
         done.addCallbacks(finished, failed)
         return entry.deferred
