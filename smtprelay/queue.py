@@ -253,8 +253,10 @@ class QueueRunner(service.Service):
         """A hard upper bound on one provider call, beyond its own timeouts."""
         if claim.mode == "direct":
             return self.delivery.direct_timeout
+        # generous: a provider bounds each of its own steps; this only catches
+        # one that never answers (e.g. SMTP: a reply per recipient, plus the body)
         per_request = getattr(self.provider, "timeout", 60.0)
-        return per_request * 4 + claim.size / 100_000 + 60.0
+        return per_request * (6 + len(claim.recipients)) + claim.size / 50_000 + 60.0
 
     @defer.inlineCallbacks
     def _record(self, claim, outcome, duration_ms):
