@@ -450,7 +450,11 @@ class OAuthTests(GmailCase):
         self.assertEqual(outcome.detail, "refresh token revoked or expired: invalid_grant: "
                                          "Token has been expired or revoked.")
         self.assertEqual(p.warnings(), [outcome.detail])
-        self.assertEqual(p.credential_status().problem, outcome.detail)
+        status = p.credential_status()
+        self.assertEqual(status.problem, outcome.detail)
+        # a dead refresh token is an expiry as well
+        self.assertEqual((status.expires, status.source),
+                         (datetime.date.today(), "token endpoint (invalid_grant)"))
         result = yield p.check()
         self.assertFalse(result.ok)
         self.assertEqual(result.steps[0].name, "token")
@@ -636,6 +640,14 @@ class ErrorTests(GmailCase):
         self.assertEqual(outcome.detail, "403 insufficientPermissions: Request had insufficient "
                                          "authentication scopes.")
         self.assertIn("no scope that allows sending", p.warnings()[0])
+        # a token refresh does not clear it; a message that goes through does
+        self.fake.expire_access_tokens()
+        self.fake.add_fault("send", status=403, reason="insufficientPermissions")
+        yield p.send(self.outgoing())
+        self.assertEqual(len(p.warnings()), 1)
+        outcome = yield p.send(self.outgoing())
+        self.assertEqual(outcome.result, Result.SENT)
+        self.assertEqual(p.warnings(), [])
 
     @defer.inlineCallbacks
     def test_not_json_error_page(self):

@@ -27,6 +27,7 @@ No token, key or secret reaches a detail, a log line or an exception text.
 
 import collections
 import datetime
+import json
 import ssl
 import threading
 import time
@@ -34,6 +35,10 @@ from urllib.parse import quote
 
 import attr
 import requests
+from google.auth import exceptions as google_exceptions
+from google.auth.transport.requests import Request as GoogleRequest
+from google.oauth2 import credentials as user_credentials
+from google.oauth2 import service_account
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -100,42 +105,33 @@ def _ssl_context(ca_file):
     return context
 
 
-def _bounded_request_class():
-    from google.auth import exceptions
-    from google.auth.transport.requests import Request
+class _BoundedRequest(GoogleRequest):
+    """google-auth's transport with one deadline for all its attempts (it retries
+    429/5xx of the token endpoint by itself, sleeping between tries), noting what
+    the endpoint granted (the scopes, a refresh token's lifetime; never the token)."""
 
-    class BoundedRequest(Request):
-        """google-auth's transport with one deadline for all its attempts (it retries
-        429/5xx of the token endpoint by itself, sleeping between tries), and a note
-        of what the endpoint granted (the scopes, a refresh token's lifetime)."""
+    def __init__(self, session, timeout):
+        super().__init__(session)
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self.granted = {}
 
-        def __init__(self, session, timeout):
-            super().__init__(session)
-            self._timeout = timeout
-            self._deadline = time.monotonic() + timeout
-            self.granted = {}
-
-        def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                raise exceptions.TransportError(
-                    TimeoutError(f"timed out: no token within {self._timeout:g}s"))
-            response = super().__call__(url, method=method, body=body, headers=headers,
-                                        timeout=min(left, self._timeout), **kwargs)
-            if response.status == 200:
-                try:
-                    import json
-
-                    data = json.loads(response.data)
-                except (ValueError, TypeError):
-                    data = None
-                if isinstance(data, dict):
-                    self.granted = {k: data[k] for k in ("scope", "expires_in",
-                                                         "refresh_token_expires_in")
-                                    if k in data}
-            return response
-
-    return BoundedRequest
+    def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise google_exceptions.TransportError(
+                TimeoutError(f"timed out: no token within {self._timeout:g}s"))
+        response = super().__call__(url, method=method, body=body, headers=headers,
+                                    timeout=min(left, self._timeout), **kwargs)
+        if response.status == 200:
+            try:
+                data = json.loads(response.data)
+            except (ValueError, TypeError):
+                data = None
+            if isinstance(data, dict):
+                self.granted = {k: data[k] for k in ("scope", "refresh_token_expires_in")
+                                if k in data}
+        return response
 
 
 def _utcnow():
@@ -285,6 +281,7 @@ class GmailProvider(ProviderBase):
         self._cache = collections.OrderedDict()  # key -> _Credential
         self._key_problem = None
         self._refresh_token_expires = None  # datetime.date, user OAuth
+        self._refresh_token_dead = None  # the date invalid_grant was first seen
         self._threads = TokenThreads(reactor, size=4, name="smtprelay-gmail-tokens")
         self._sessions = []
         self._local = threading.local()
@@ -324,11 +321,11 @@ class GmailProvider(ProviderBase):
             # without a usable key there is no credential; _token says why
             google = self._base.with_subject(mailbox) if self._base is not None else None
         else:
-            from google.oauth2.credentials import Credentials
-
+            # not from_authorized_user_info: it ignores token_uri
             client_id, secret, refresh = self._oauth
-            google = Credentials(None, refresh_token=refresh.reveal(), client_id=client_id,
-                                 client_secret=secret.reveal(), token_uri=self.token_uri)
+            google = user_credentials.Credentials(
+                None, refresh_token=refresh.reveal(), client_id=client_id,
+                client_secret=secret.reveal(), token_uri=self.token_uri)
         cred = self._cache[key] = _Credential(key, mailbox, google)
         self._evict()
         return cred
@@ -355,13 +352,10 @@ class GmailProvider(ProviderBase):
 
     def _refresh_blocking(self, google):
         """On a token thread: refresh ``google`` -> _Granted.  Raises google-auth's errors."""
-        request = _bounded_request_class()(self._session(), self.timeout)
+        request = _BoundedRequest(self._session(), self.timeout)
         google.refresh(request)
-        if google.expiry is not None:
-            lifetime = (google.expiry - _utcnow()).total_seconds()
-            # google-auth subtracts nothing; it reads expires_in as is
-        else:
-            lifetime = 3600.0
+        lifetime = ((google.expiry - _utcnow()).total_seconds() if google.expiry is not None
+                    else 3600.0)
         scope = request.granted.get("scope")
         scopes = tuple(scope.split()) if isinstance(scope, str) else ()
         rt = request.granted.get("refresh_token_expires_in")
@@ -394,6 +388,7 @@ class GmailProvider(ProviderBase):
                 self._refresh_token_expires = (
                     datetime.datetime.now(datetime.timezone.utc)
                     + datetime.timedelta(seconds=granted.refresh_token_lifetime)).date()
+            self._refresh_token_dead = None
             self._clear_problem(cred.key)
             return cred.token
 
@@ -401,13 +396,15 @@ class GmailProvider(ProviderBase):
             problem = self._classify_refresh_failure(f, cred)
             if problem.kind == "credential":
                 self._set_problem(cred.key, problem.detail)
+            if problem.expired and self._refresh_token_dead is None:
+                # user OAuth: a revoked or expired refresh token is an expiry, too
+                self._refresh_token_dead = datetime.date.today()
             raise _TokenProblem(problem)
 
         return d.addCallbacks(got, failed)
 
     def _classify_refresh_failure(self, f, cred):
-        from google.auth import exceptions
-
+        exceptions = google_exceptions
         e = f.value
         if isinstance(e, exceptions.RefreshError):
             data = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], dict) else None
@@ -448,7 +445,7 @@ class GmailProvider(ProviderBase):
 
     def _clear_problem(self, key):
         if self._problems.pop(key, None) is not None:
-            log.info("gmail credential for {key} works again", key=key)
+            log.info("gmail credential for {key} works again", key=key.split("#")[0])
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -580,6 +577,7 @@ class GmailProvider(ProviderBase):
     def _outcome(self, cred, answer):
         if answer.kind == "sent":
             cred.backoff_level, cred.backoff_until = -1, 0.0
+            self._clear_problem(cred.key + "#scope")
             return Outcome.sent(answer.detail, provider_id=answer.provider_id)
         if answer.kind == "ambiguous":
             return Outcome.temporary(answer.detail, ambiguous=True)
@@ -599,8 +597,9 @@ class GmailProvider(ProviderBase):
                 not_before=until, mailbox_wide=True)
         if answer.kind == "permanent":
             if answer.reason == "insufficientPermissions":
-                self._set_problem(cred.key, f"the token for {cred.mailbox} has no scope that "
-                                            f"allows sending: {answer.detail}")
+                self._set_problem(cred.key + "#scope",
+                                  f"the token for {cred.mailbox} has no scope that allows "
+                                  f"sending: {answer.detail}")
             return Outcome.permanent(answer.detail)
         if answer.retry_at is not None and answer.retry_at > self._reactor.seconds():
             return Outcome.temporary(answer.detail, not_before=answer.retry_at,
@@ -682,6 +681,9 @@ class GmailProvider(ProviderBase):
                                       if len(problems) > 1 else "")
         if self.service_account:
             return CredentialStatus(None, "service account key", problem)
+        if self._refresh_token_dead is not None:
+            return CredentialStatus(self._refresh_token_dead, "token endpoint (invalid_grant)",
+                                    problem)
         return CredentialStatus(self._refresh_token_expires,
                                 "token endpoint" if self._refresh_token_expires else "",
                                 problem)
@@ -737,10 +739,6 @@ def _explicit_token_uri(config):
 
 def _load_service_account(path, token_uri):
     """(google credentials without a subject, the key file's token_uri)."""
-    import json
-
-    from google.oauth2 import service_account
-
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
     if not isinstance(info, dict) or info.get("type") != "service_account":

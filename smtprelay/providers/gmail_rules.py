@@ -182,6 +182,7 @@ class TokenFailure:
 
     kind: str  # "credential" (defer and warn) | "permanent" | "temporary"
     detail: str
+    expired: bool = False  # a user's refresh token revoked or expired
 
 
 def classify_token_error(error, description, retryable, mailbox, service_account):
@@ -217,7 +218,8 @@ def classify_token_error(error, description, retryable, mailbox, service_account
                                 f"({said}): check this machine's clock")
         if service_account:
             return TokenFailure("credential", f"the service account key was rejected: {said}")
-        return TokenFailure("credential", f"refresh token revoked or expired: {said}")
+        return TokenFailure("credential", f"refresh token revoked or expired: {said}",
+                            expired=True)
     if error == "invalid_client":
         return TokenFailure("credential",
                             f"the OAuth client was rejected (client_id or client_secret): {said}")
