@@ -406,8 +406,10 @@ def bcc_field(addresses, eol=b"\r\n"):
     line = b"Bcc:"
     lines = []
     for n, address in enumerate(addresses):
-        word = address.encode("utf-8", "surrogateescape") + (b"," if n + 1 < len(addresses) else b"")
-        if len(line) + 1 + len(word) > _FOLD_AT and line not in (b"Bcc:",):
+        word = address.encode("utf-8", "surrogateescape")
+        if n + 1 < len(addresses):
+            word += b","
+        if len(line) + 1 + len(word) > _FOLD_AT and line != b"Bcc:":
             lines.append(line)
             line = b""
         line += b" " + word

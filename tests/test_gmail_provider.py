@@ -59,8 +59,8 @@ def rsa_key():
 
 
 def raw_message(frm=ALICE, to=BOB, extra=(), body="Hello.\r\n"):
-    lines = [f"Received: from app ([10.0.0.1])\r\n\tby relay.test (smtprelay) with ESMTP id X;"
-             f"\r\n\tMon, 24 Nov 2025 10:00:00 +0000",
+    lines = ["Received: from app ([10.0.0.1])\r\n\tby relay.test (smtprelay) with ESMTP id X;"
+             "\r\n\tMon, 24 Nov 2025 10:00:00 +0000",
              f"From: {frm}", f"To: {to}", "Subject: test",
              "Message-ID: <1@app.example>", "Date: Mon, 24 Nov 2025 10:00:00 +0000", *extra]
     return ("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8")

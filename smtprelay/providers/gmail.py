@@ -174,8 +174,12 @@ def _shield(d):
     out = defer.Deferred()
 
     def relay(result):
-        if not out.called:
-            out.callback(result) if not isinstance(result, Failure) else out.errback(result)
+        if out.called:
+            return None  # the caller went away; the result is nobody's
+        if isinstance(result, Failure):
+            out.errback(result)
+        else:
+            out.callback(result)
         return None
 
     d.addBoth(relay)
@@ -279,14 +283,19 @@ class GmailProvider(ProviderBase):
         explicit = _explicit_token_uri(config)
         self._problems = collections.OrderedDict()  # key -> one line
         self._cache = collections.OrderedDict()  # key -> _Credential
-        self._key_problem = None
+        self._setup_problem = None  # a key file or ca_file that cannot be used
         self._refresh_token_expires = None  # datetime.date, user OAuth
         self._refresh_token_dead = None  # the date invalid_grant was first seen
         self._threads = TokenThreads(reactor, size=4, name="smtprelay-gmail-tokens")
         self._sessions = []
         self._local = threading.local()
         self._sessions_lock = threading.Lock()
-        self._context = _ssl_context(self._ca_file)
+        try:
+            self._context = _ssl_context(self._ca_file)
+        except (OSError, ssl.SSLError) as e:
+            self._context = ssl.create_default_context()
+            reason = getattr(e, "reason", None) or e.strerror or type(e).__name__
+            self._setup_problem = f"provider.ca_file {self._ca_file} cannot be used: {reason}"
         self._http, self._pool = make_client(reactor, self._ca_file,
                                              max_per_host=max(8, config.delivery.concurrency * 2))
         self._cooperator = task.Cooperator(scheduler=lambda f: reactor.callLater(0, f))
@@ -300,8 +309,9 @@ class GmailProvider(ProviderBase):
                 self.client_email = self._base.service_account_email
             except Exception as e:  # a broken key file: defer mail and say why
                 self.client_email = "?"
-                self._key_problem = (f"the service account key file {p.service_account_file} "
-                                     f"cannot be used: {_key_error(e)}")
+                self._setup_problem = (f"the service account key file "
+                                       f"{p.service_account_file} cannot be used: "
+                                       f"{_key_error(e)}")
         else:
             self.token_uri = p.token_uri or GOOGLE_TOKEN_URI
             self._oauth = (p.client_id, p.client_secret, p.refresh_token)
@@ -364,8 +374,8 @@ class GmailProvider(ProviderBase):
 
     def _token(self, cred, stale=None):
         """The token of ``cred`` -> Deferred[str]; _TokenProblem when there is none."""
-        if self._key_problem:
-            return defer.fail(_TokenProblem(rules.TokenFailure("credential", self._key_problem)))
+        if self._setup_problem:
+            return defer.fail(_TokenProblem(rules.TokenFailure("credential", self._setup_problem)))
         if cred.fresh(self._reactor.seconds(), stale):
             return defer.succeed(cred.token)
         return _shield(cred.lock.run(self._refresh_locked, cred, stale))
@@ -591,7 +601,7 @@ class GmailProvider(ProviderBase):
                     cred.backoff_level += 1
                     until = now + rules.backoff_delay(cred.backoff_level, answer.daily)
             cred.backoff_until = max(until, cred.backoff_until)
-            when = time.strftime("%H:%M:%SZ", time.gmtime(until))
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
             return Outcome.temporary(
                 f"{answer.detail}; sending as {cred.mailbox} paused until {when}",
                 not_before=until, mailbox_wide=True)
@@ -626,9 +636,9 @@ class GmailProvider(ProviderBase):
         steps = [Step("token", True, f"for {mailbox} from {self.token_uri}, valid for "
                                      f"{minutes} min; scopes: {scopes}{how}")]
         if rules.can_send(cred.scopes):
+            scope = next(s for s in cred.scopes if s in rules.SEND_SCOPES)
             steps.append(Step("send permission", True,
-                              f"{rules.short_scope(next(s for s in cred.scopes if s in rules.SEND_SCOPES))} "
-                              "allows users.messages.send"))
+                              f"{rules.short_scope(scope)} allows users.messages.send"))
         else:
             steps.append(Step("send permission", False,
                               f"no scope that allows sending (needs {rules.GMAIL_SEND})"))
@@ -661,8 +671,8 @@ class GmailProvider(ProviderBase):
 
     def warnings(self):
         out = []
-        if self._key_problem:
-            out.append(self._key_problem)
+        if self._setup_problem:
+            out.append(self._setup_problem)
         out.extend(self._problems.values())
         expires = self._refresh_token_expires
         if expires is not None:
@@ -673,7 +683,7 @@ class GmailProvider(ProviderBase):
         return out
 
     def credential_status(self):
-        problems = ([self._key_problem] if self._key_problem else []) + list(
+        problems = ([self._setup_problem] if self._setup_problem else []) + list(
             self._problems.values())
         problem = None
         if problems:
@@ -691,8 +701,8 @@ class GmailProvider(ProviderBase):
     # -- life -------------------------------------------------------------------------------------
 
     def start(self):
-        if self._key_problem:
-            log.error("gmail: {problem}", problem=self._key_problem)
+        if self._setup_problem:
+            log.error("gmail: {problem}", problem=self._setup_problem)
             return None
         if self._default:
             # learn early whether the default sender's credential works (logged, not fatal)
