@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 
 from twisted.internet import defer, reactor
@@ -231,6 +232,39 @@ class ServiceAccountSendTests(GmailCase):
         self.assertEqual(p.token_uri, self.server.token_uri)
         outcome = yield p.send(self.outgoing())
         self.assertEqual(outcome.result, Result.SENT, outcome.detail)
+
+    @defer.inlineCallbacks
+    def test_google_auth_runs_on_the_token_threads_only(self):
+        self.delegate()
+        p = self.provider()
+        seen = []
+        original = p._refresh_blocking
+
+        def spy(google):
+            seen.append(threading.current_thread().name)
+            return original(google)
+
+        p._refresh_blocking = spy
+        outcome = yield p.send(self.outgoing())
+        self.assertEqual(outcome.result, Result.SENT)
+        self.assertEqual(len(seen), 1)
+        self.assertNotEqual(seen[0], threading.current_thread().name)
+        self.assertIn("smtprelay-gmail-tokens", seen[0])
+        yield p.stop()
+        self.assertFalse(p._threads._started)
+
+    @defer.inlineCallbacks
+    def test_unusable_ca_file_defers_and_warns(self):
+        self.delegate()
+        bad = os.path.join(self.dir, "bad-ca.pem")
+        with open(bad, "w") as f:
+            f.write("-----BEGIN CERTIFICATE-----\nnonsense\n-----END CERTIFICATE-----\n")
+        p = self.provider({"ca_file": bad})
+        outcome = yield p.send(self.outgoing())
+        self.assertEqual(outcome.result, Result.TEMPORARY)
+        self.assertTrue(outcome.detail.startswith(f"provider.ca_file {bad} cannot be used"),
+                        outcome.detail)
+        self.assertEqual(p.warnings(), [outcome.detail])
 
     @defer.inlineCallbacks
     def test_credential_cache_is_bounded(self):
