@@ -372,7 +372,8 @@ class AdminAPI:
         current = relay.config
         if not current.path:
             raise ApiError(409, "the relay was not started from a configuration file")
-        document = configuration.unredact(body, current.document)
+        document = configuration.unredact(
+            shapes.carry_user_passwords(body, current.document), current.document)
         folder = os.path.dirname(current.path)
         try:
             new = configuration.parse(document, base_dir=folder,

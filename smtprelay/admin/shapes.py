@@ -248,3 +248,35 @@ def test_mail_request(body):
     if fields:
         raise ValidationError("invalid test mail request", fields)
     return to, subject
+
+
+def _user_password(value):
+    """The password part of an ``[smtp.auth] users`` entry (plain, secret or table)."""
+    if isinstance(value, dict) and ("password" in value or "allowed" in value):
+        return value.get("password")
+    return value
+
+
+def carry_user_passwords(new, current):
+    """``new`` with ``{"set": true}`` user passwords taken from ``current`` even when the
+    entry changed form (a plain password became a table with ``allowed``, or back),
+    which ``config.unredact`` alone cannot follow.  Pure: returns a new document."""
+    users = (((new.get("smtp") or {}).get("auth") or {}).get("users")
+             if isinstance(new, dict) else None)
+    cur_users = ((current.get("smtp") or {}).get("auth") or {}).get("users") or {}
+    if not isinstance(users, dict) or not isinstance(cur_users, dict):
+        return new
+    keep = {"set": True}
+    out_users = {}
+    for name, value in users.items():
+        old = _user_password(cur_users.get(name))
+        if old is not None and value == keep:
+            value = old
+        elif (old is not None and isinstance(value, dict) and value.get("password") == keep
+              and ("allowed" in value or len(value) == 1)):
+            value = dict(value, password=old)
+        out_users[name] = value
+    out = dict(new)
+    out["smtp"] = dict(new["smtp"])
+    out["smtp"]["auth"] = dict(new["smtp"]["auth"], users=out_users)
+    return out
