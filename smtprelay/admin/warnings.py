@@ -74,7 +74,9 @@ def credential(s):
 
 
 def provider(s):
-    out = [Warning(f"provider:{text}", text) for text in s.provider_warnings if text]
+    # the same text twice is one warning
+    out = [Warning(f"provider:{text}", text) for text in dict.fromkeys(s.provider_warnings)
+           if text]
     if s.provider_failing is not None:
         since, detail = s.provider_failing
         out.append(Warning("provider-failing",
