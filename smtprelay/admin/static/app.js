@@ -667,6 +667,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("login-form").addEventListener("submit", (e) => {
     e.preventDefault();
     state.token = $("token").value.trim();
+    $("token").value = "";  // kept in the session only, not in the form
     sessionStorage.setItem(TOKEN_KEY, state.token);
     say("login-error", "");
     start();
