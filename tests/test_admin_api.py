@@ -484,6 +484,12 @@ def test_retry_and_cancel(failing):
     assert answer.status == 202 and answer.json["previous_status"] == "failed"
     client.wait(lambda: len(client.ok("GET", f"/api/deliveries/{a}")["attempts"]) >= attempts + 2)
     wait_for(r, a, "deferred")
+    requeued = client.ok("GET", f"/api/deliveries/{a}")["attempts"][-2]
+    assert requeued["outcome"] == "requeued" and requeued["detail"] == "retry requested by admin"
+    # asking for a retry is not an error; the attempt that followed is
+    last = client.ok("GET", "/api/stats")["last_error"]
+    assert last["delivery_id"] == a and "retry requested" not in last["message"]
+    assert last["message"].startswith("cannot write to the outbox")
 
     # SMTP stopped: the queue still delivers once the provider is fixed
     assert client.ok("POST", "/api/smtp/stop")["state"] == "stopped"
