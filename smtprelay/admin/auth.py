@@ -1,12 +1,14 @@
 """Who may use the admin API: the bearer token, and a guard against other web sites.
 
 ``token_ok`` compares the ``Authorization: Bearer`` value with ``[admin] token``
-in constant time (``hmac.compare_digest`` over bytes of any length).  With no
-token configured the API only listens on loopback (``config.py`` refuses
-anything else); a web page the administrator happens to visit could still
-reach 127.0.0.1, so ``foreign_request`` refuses requests a browser marks as
-coming from another origin, and (without a token) a Host that is not a
-loopback name, which defeats DNS rebinding.
+in constant time (``hmac.compare_digest`` over bytes of any length).  A token
+travels in a header that another web site cannot make a browser send, so
+with a token nothing more is needed (and a reverse proxy that rewrites Host or
+Origin keeps working).  With no token configured the API only listens on
+loopback (``config.py`` refuses anything else), but a web page the
+administrator happens to visit could still reach 127.0.0.1: then
+``foreign_request`` refuses requests a browser marks as coming from another
+origin, and a Host that is not a loopback name (DNS rebinding).
 """
 
 import hmac
@@ -62,6 +64,8 @@ def foreign_request(host, origin, sec_fetch_site, token_set):
 
     ``host``/``origin``/``sec_fetch_site`` are header values (str or None).
     """
+    if token_set:
+        return None
     if sec_fetch_site and sec_fetch_site not in ("same-origin", "none"):
         return "cross-site request refused"
     if origin and origin != "null":
@@ -70,6 +74,6 @@ def foreign_request(host, origin, sec_fetch_site, token_set):
             return "cross-origin request refused"
     elif origin == "null":
         return "cross-origin request refused"
-    if not token_set and host and not _is_loopback_host(_host_of(host).lower()):
+    if host and not _is_loopback_host(_host_of(host).lower()):
         return "without [admin] token the API answers only to a loopback Host"
     return None
