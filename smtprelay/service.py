@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from smtprelay import __version__, logs
 from smtprelay.admin.monitor import Monitor
+from smtprelay.admin.shapes import safe_reason as _reason
 from smtprelay.metrics import Metrics
 from smtprelay.providers import make_provider
 from smtprelay.queue import QueueRunner
@@ -440,16 +441,6 @@ def _provider_changed(old, new):
                 [s.reveal() for s in _walk_secrets(c.provider)])
 
     return shape(old) != shape(new)
-
-
-def _reason(e, secrets=()):
-    """An exception as one line for an answer or a log, without any secret in it."""
-    text = str(e) or type(e).__name__
-    if isinstance(e, ImportError):
-        text = f"not available in this installation ({e.name or text})"
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, "[redacted]")
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _host_port(port):

@@ -509,3 +509,20 @@ def test_token_ok_only_for_the_token(token):
     usable = token.isascii() and token.strip() == token and bool(token)
     assert auth.token_ok(header, token) == usable
     assert not auth.token_ok(b"Bearer x" + header, token)
+
+
+def test_safe_reason_scrubs_secrets_and_keeps_one_line():
+    e = RuntimeError("login as bob with hunter2hunter2 failed\nTraceback: hunter2hunter2")
+    assert shapes.safe_reason(e, ["hunter2hunter2", ""]) == "login as bob with [redacted] failed"
+    assert shapes.safe_reason("plain text", ["x" * 10]) == "plain text"
+    assert shapes.safe_reason(RuntimeError()) == "RuntimeError"
+    missing = ImportError("No module named 'smtprelay.providers.smtp'",
+                          name="smtprelay.providers.smtp")
+    assert shapes.safe_reason(missing) == "not available in this installation (smtprelay.providers.smtp)"
+
+
+def test_a_non_loopback_admin_listener_needs_a_token():
+    with pytest.raises(configuration.ConfigError) as info:
+        configuration.parse({"admin": {"listen": "0.0.0.0:8025"}})
+    assert "admin.token" in info.value.fields()
+    configuration.parse({"admin": {"listen": "0.0.0.0:8025", "token": "t" * 20}})

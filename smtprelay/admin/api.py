@@ -31,6 +31,7 @@ from smtprelay import __version__
 from smtprelay import config as configuration
 from smtprelay.admin import auth, configfile, openapi, shapes, testmail
 from smtprelay.admin.monitor import credential_status
+from smtprelay.admin.shapes import safe_reason as _reason
 from smtprelay.model import Claim, Envelope, Status, new_message_id
 from smtprelay.store.interface import StoreUnavailable
 
@@ -86,12 +87,6 @@ def route(app, path, methods, token=True):
         return app.route(path, methods=methods)(handler)
 
     return wrap
-
-
-def _reason(e, secrets=()):
-    from smtprelay.service import _reason as reason
-
-    return reason(e, secrets)
 
 
 class AdminAPI:

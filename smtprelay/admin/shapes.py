@@ -202,6 +202,22 @@ def stats_json(stats, uptime_seconds):
 
 
 # ---------------------------------------------------------------------------
+# errors
+
+
+def safe_reason(e, secrets=()):
+    """An exception (or a text) as one line for an answer or a log line, with every
+    value of ``secrets`` replaced: a library's message may quote what it was given."""
+    text = (e if isinstance(e, str) else str(e)) or type(e).__name__
+    if isinstance(e, ImportError):
+        text = f"not available in this installation ({e.name or text})"
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "[redacted]")
+    lines = text.splitlines()
+    return lines[0] if lines else ""
+
+
+# ---------------------------------------------------------------------------
 # configuration documents
 
 
