@@ -421,8 +421,9 @@ async function formDocument() {
 
   doc.smtp = doc.smtp || {};
   const listen = splitList($("smtp-listen").value);
-  if (listen.length === 1) doc.smtp.listen = listen[0];
-  else if (listen.length > 1) doc.smtp.listen = listen;
+  // a list stays a list in the file, a single address a string
+  if (listen.length > 1 || (listen.length && Array.isArray(doc.smtp.listen))) doc.smtp.listen = listen;
+  else if (listen.length === 1) doc.smtp.listen = listen[0];
   else delete doc.smtp.listen;
   const auth = doc.smtp.auth || {};
   const required = $("smtp-auth-required").checked;
