@@ -531,7 +531,14 @@ def test_cancel_a_queued_delivery(failing):
     send(r.port, subject="to cancel")
     (mid,) = r.query("SELECT id FROM messages WHERE subject = 'to cancel'")[0]
     wait_for(r, mid, "deferred")
-    # make it "queued" again (as if never attempted): cancel works the same
+    # "queued" (as if never attempted, due in an hour): a retry makes it due now
+    execute(r, "UPDATE messages SET status = 'queued', attempts_count = 0, "
+               "next_attempt_at = ? WHERE id = ?", (time.time() + 3600, mid))
+    answer = client.post(f"/api/deliveries/{mid}/retry")
+    assert answer.status == 202 and answer.json["previous_status"] == "queued"
+    client.wait(lambda: client.ok("GET", f"/api/deliveries/{mid}")["attempts_count"] == 1)
+    wait_for(r, mid, "deferred")
+    # and a queued one can be cancelled as a deferred one
     execute(r, "UPDATE messages SET status = 'queued', next_attempt_at = ? WHERE id = ?",
             (time.time() + 3600, mid))
     assert client.ok("GET", f"/api/deliveries/{mid}")["status"] == "queued"
