@@ -45,7 +45,7 @@ class Metrics:
         self.credential_days = Gauge(
             "smtprelay_credential_expiry_days",
             "Days until the provider credential expires (absent when it does not)",
-            registry=r)
+            ["provider"], registry=r)
         self.uptime = Gauge("smtprelay_uptime_seconds", "Seconds since this process started",
                             registry=r)
         self.sessions = Gauge("smtprelay_smtp_sessions", "Open SMTP sessions", registry=r)
@@ -79,8 +79,10 @@ class Metrics:
         if stats is not None:
             for status in ("queued", "deferred", "active"):
                 self.queue_depth.labels(status).set(stats.get(status, 0))
+        # absent, not 0, when nothing expires (0 would read "expires today")
+        self.credential_days.clear()
         if credential_days is not None:
-            self.credential_days.set(credential_days)
+            self.credential_days.labels(self.provider_type).set(credential_days)
         if sessions is not None:
             self.sessions.set(sessions)
 

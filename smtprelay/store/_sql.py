@@ -487,7 +487,7 @@ def stats(dialect, conn, now):
     last = fetchone(
         dialect, conn,
         """SELECT detail, at, message_id FROM attempts
-           WHERE outcome NOT IN ('sent')
+           WHERE outcome NOT IN ('sent', 'requeued')
            ORDER BY at DESC LIMIT 1""",
     )
     oldest = fetchone(
