@@ -121,22 +121,32 @@ def build_message(to=("ann@example.com",), cc=(), bcc=(), sender=MAILBOX, subjec
     for name, data, kind in attachments:
         maintype, subtype = kind.split("/")
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    for i, part in enumerate(p for p in msg.walk() if p.is_multipart()):
+        part.set_boundary(f"=_smtprelay-test-{i}")  # fixed lengths: sizes are predictable
     return msg.as_bytes()
 
 
-def padded_to(raw, size):
-    """``raw`` (a message without attachments) with its text body grown to ``size`` bytes."""
-    assert raw.endswith(b"\r\n")
-    missing = size - len(raw)
-    assert missing >= 0, (len(raw), size)
-    lines, line = [], b"x" * 76 + b"\r\n"
-    while missing >= len(line):
-        lines.append(line)
-        missing -= len(line)
-    tail = b"y" * missing
-    if missing >= 2:
-        tail = b"y" * (missing - 2) + b"\r\n"
-    return raw + b"".join(lines) + tail
+def sized_message(total, **kw):
+    """``build_message(**kw)`` with a text body grown so that it is exactly ``total`` bytes."""
+    kw.setdefault("message_id", "<sized@app.example>")
+
+    def body(size):
+        full, rest = divmod(size, 72)  # a line of 70 characters is 72 bytes with its CRLF
+        lines = ["x" * 70] * full
+        if rest == 1:
+            lines[-1] += "x"
+        elif rest >= 2:
+            lines.append("y" * (rest - 2))
+        return "".join(line + "\n" for line in lines)
+
+    size = 144
+    for _ in range(5):
+        raw = build_message(body=body(size), **kw)
+        if len(raw) == total:
+            return raw
+        size += total - len(raw)
+        assert size >= 144, "the message is larger than wanted without a body"
+    raise AssertionError(f"cannot make a message of {total} bytes")
 
 
 # ---------------------------------------------------------------- the fake as a process

@@ -530,7 +530,7 @@ class GraphProvider(ProviderBase):
     def _bcc_note(self, plan):
         r = plan.recipients
         notes = []
-        if r.add_bcc and not r.explicit:
+        if r.add_bcc:
             notes.append(f"{len(r.add_bcc)} envelope-only recipient(s) as Bcc")
         if r.explicit:
             notes.append(f"recipients set explicitly; not delivered to header-only "
@@ -587,7 +587,7 @@ class GraphProvider(ProviderBase):
                      id=message.id, dropped=", ".join(plan.recipients.dropped[:10]))
         try:
             patch = {}
-            if plan.recipients.explicit:
+            if plan.recipients.differ:
                 patch.update(mime.recipients_patch(plan.recipients))
             if not save:
                 patch["singleValueExtendedProperties"] = [mime.DELETE_AFTER_SUBMIT]

@@ -126,6 +126,11 @@ class RecipientPlan:
     def changed_headers(self):
         return bool(self.dropped)
 
+    @property
+    def differ(self):
+        """Are the recipients other than the headers' (a draft must then set them)?"""
+        return self.explicit or bool(self.add_bcc)
+
 
 def _decode_words(text):
     if "=?" not in text:
@@ -188,7 +193,8 @@ def bcc_header(addresses):
 
 
 def recipients_patch(rplan):
-    """The draft PATCH that sets the recipients of an explicit :class:`RecipientPlan`."""
+    """The draft PATCH that sets the recipients of ``rplan`` (visible ones as the headers
+    name them, everyone else in Bcc)."""
     return {
         "toRecipients": [a.resource() for a in rplan.to],
         "ccRecipients": [a.resource() for a in rplan.cc],
@@ -465,7 +471,7 @@ class MovedAttachment:
 @attr.frozen
 class Plan:
     form: str  # "mime" (sendMail) | "draft"
-    segments: tuple  # the MIME to send: (start, end) ranges of the file and inserted bytes
+    segments: tuple  # the MIME to send: (start, end) ranges of the file, and bytes
     mime_size: int
     recipients: RecipientPlan
     attachments: tuple = ()  # MovedAttachment
@@ -493,10 +499,9 @@ def _placeholder(boundary):
     return (b"--" + boundary + b"\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n\r\n")
 
 
-def skeleton_segments(parts, size, inserted, removed):
-    """The segments of the message less the ``removed`` parts (indices), with
-    ``inserted`` bytes in front; an emptied multipart gets an empty text part
-    (a multipart must have one)."""
+def skeleton_segments(parts, size, removed):
+    """The segments of the message less the ``removed`` parts (indices); an emptied
+    multipart gets an empty text part (a multipart must have one)."""
     removed = set(removed)
     cuts = sorted((parts[i].cut, i) for i in removed)
     placeholders = {}
@@ -504,7 +509,7 @@ def skeleton_segments(parts, size, inserted, removed):
         if p.multipart and p.children and all(c in removed for c in p.children):
             first = parts[p.children[0]].cut[0]
             placeholders[first] = _placeholder(p.boundary)
-    segments, pos = ([inserted] if inserted else []), 0
+    segments, pos = [], 0
     for (start, end), _ in cuts:
         if start > pos:
             segments.append((pos, start))
@@ -520,7 +525,7 @@ def segments_size(segments):
     return sum(len(s) if isinstance(s, bytes) else s[1] - s[0] for s in segments)
 
 
-def plan_draft(parts, size, inserted=b"", limit=REQUEST_LIMIT, move_all=False):
+def plan_draft(parts, size, limit=REQUEST_LIMIT, move_all=False):
     """(segments, moved attachments) for a draft whose skeleton fits in ``limit``.
 
     Every attachment stays in the skeleton unless it must go: the largest go
@@ -535,12 +540,12 @@ def plan_draft(parts, size, inserted=b"", limit=REQUEST_LIMIT, move_all=False):
             raise ValueError(f"part {p.index}: decoded size unknown (call measure())")
     candidates.sort(key=lambda p: (p.cut[1] - p.cut[0]), reverse=True)
     removed = []
-    segments = skeleton_segments(parts, size, inserted, removed)
+    segments = skeleton_segments(parts, size, removed)
     for p in candidates:
         if not move_all and fits(segments_size(segments), limit):
             break
         removed.append(p.index)
-        segments = skeleton_segments(parts, size, inserted, removed)
+        segments = skeleton_segments(parts, size, removed)
     skeleton = segments_size(segments)
     if not fits(skeleton, limit):
         raise Unsendable(
@@ -648,8 +653,14 @@ def prepare(f, envelope, save_to_sent_items=True, limit=REQUEST_LIMIT, move_all=
     Returns ``(plan, payload)``, the payload being the base64 MIME of the
     sendMail request or of the draft's skeleton.  ``move_all`` (after a 413)
     forces the draft form with every attachment on its own.  Raises
-    :class:`Unsendable`.  A Bcc header, when one is needed, goes in front of
-    the message: Graph removes it, and every other byte passes unchanged.
+    :class:`Unsendable`.
+
+    sendMail when Sent Items may keep a copy, the headers name nobody outside
+    the envelope and the message fits; envelope-only recipients then ride in
+    a Bcc header put in front (Graph removes it: every other byte passes
+    unchanged).  A draft otherwise; its MIME is the message itself (less the
+    attachments that do not fit) and its recipients, when they are not
+    exactly the headers', are set by a PATCH.
     """
     size = f.seek(0, 2)
     if size > MESSAGE_MAX:
@@ -660,20 +671,19 @@ def prepare(f, envelope, save_to_sent_items=True, limit=REQUEST_LIMIT, move_all=
     end = split_header_block(head)
     block = head if end is None else head[:end]
     rplan = reconcile(envelope, header_recipients(block))
-    inserted = b"" if rplan.explicit else bcc_header(rplan.add_bcc)
-    mime_size = size + len(inserted)
+    bcc = bcc_header(rplan.add_bcc)
     reasons = []
     if not save_to_sent_items:
         reasons.append("sent_items")
     if rplan.explicit:
         reasons.append("recipients")
-    if move_all or not fits(mime_size, limit):
+    if move_all or not fits(size + len(bcc), limit):
         reasons.append("size")
-    whole = (inserted, (0, size)) if inserted else ((0, size),)
     if not reasons:
-        plan = Plan("mime", whole, mime_size, rplan, original_size=size)
-    elif "size" not in reasons:
-        plan = Plan("draft", whole, mime_size, rplan, reasons=tuple(reasons),
+        segments = (bcc, (0, size)) if bcc else ((0, size),)
+        plan = Plan("mime", segments, size + len(bcc), rplan, original_size=size)
+    elif not move_all and fits(size, limit):
+        plan = Plan("draft", ((0, size),), size, rplan, reasons=tuple(reasons),
                     original_size=size)
     else:
         parts = scan(f, size)
@@ -683,7 +693,7 @@ def prepare(f, envelope, save_to_sent_items=True, limit=REQUEST_LIMIT, move_all=
                 f"the message is {size:,} bytes in a single MIME part; Graph takes at most "
                 f"{largest_fitting(limit):,} bytes in one request and only attachments can "
                 "be added on their own")
-        segments, attachments = plan_draft(parts, size, inserted, limit, move_all)
+        segments, attachments = plan_draft(parts, size, limit, move_all)
         plan = Plan("draft", segments, segments_size(segments), rplan, attachments,
                     tuple(reasons), original_size=size, parts=tuple(parts))
     payload = base64.b64encode(read_segments(f, plan.segments))
