@@ -69,7 +69,7 @@ log = Logger()
 GRAPH_MAILBOX_CONCURRENCY = 4  # Graph throttles a fifth request in flight per mailbox
 MAX_RESPONSE = 1 << 20  # success bodies (a draft's resource) are a few KB
 IN_PLACE_RETRIES = 3  # per request inside a draft
-IN_PLACE_WAIT = 120.0  # seconds a draft delivery may wait in total for Graph to recover
+IN_PLACE_WAIT = 60.0  # seconds a draft delivery may wait in total for Graph to recover
 DAY = 86400.0
 
 
@@ -488,8 +488,6 @@ class GraphProvider(ProviderBase):
             note = credentials.expired_note(self._expiry, self._today())
             if note and note not in detail:
                 detail = f"{detail}; {note}"
-            if self._tokens.problem and self._tokens.problem not in detail:
-                detail = f"{detail} ({self._tokens.problem})"
         if detail != outcome.detail:
             outcome = attr.evolve(outcome, detail=detail)
         return outcome
@@ -527,6 +525,10 @@ class GraphProvider(ProviderBase):
         return self._in_thread(mime.prepare, message.body, message.recipients, save,
                                mime.REQUEST_LIMIT, move_all)
 
+    @staticmethod
+    def _rid(answer):
+        return f"; request-id {answer.request_id}" if answer.request_id else ""
+
     def _bcc_note(self, plan):
         r = plan.recipients
         notes = []
@@ -548,8 +550,7 @@ class GraphProvider(ProviderBase):
         if answer.status == 202 or 200 <= answer.status < 300:
             return Outcome.sent(
                 f"sent as {mailbox} with sendMail ({plan.mime_size:,} bytes of MIME)"
-                f"{self._bcc_note(plan)}; request-id {answer.request_id}",
-                provider_id=answer.request_id)
+                f"{self._bcc_note(plan)}{self._rid(answer)}", provider_id=answer.request_id)
         verdict = self._verdict(answer, "sendMail")
         if verdict.action == errors.TOO_LARGE:
             log.info("m365: {id}: Graph answered 413 to sendMail ({size} bytes); sending it "
@@ -626,8 +627,7 @@ class GraphProvider(ProviderBase):
         extra = f", {', '.join(how)}" if how else ""
         return Outcome.sent(
             f"sent as {mailbox} through a draft ({plan.mime_size:,} bytes of MIME{extra})"
-            f"{self._bcc_note(plan)}; request-id {answer.request_id}",
-            provider_id=answer.request_id)
+            f"{self._bcc_note(plan)}{self._rid(answer)}", provider_id=answer.request_id)
 
     def _draft_url(self, ctx):
         return f"{self._users(ctx.mailbox)}/messages/{quote(ctx.draft_id, safe='')}"
