@@ -119,19 +119,21 @@ class _Answer:
 class _Delivery:
     """What one delivery carries between its requests."""
 
-    def __init__(self, message, waited=0.0):
+    def __init__(self, message):
         self.message = message
         self.mailbox = message.mailbox
-        self.waited = waited
+        self.waited = 0.0  # seconds spent waiting for Graph in place
         self.draft_id = None
-        self.request_id = None
+
+# a gateway timeout on a send: the backend may have sent it all the same
+_MAYBE_SENT = frozenset({504})
 
 
 @implementer(IProvider)
 class GraphProvider(ProviderBase):
     type = "m365"
 
-    def __init__(self, config, reactor, threads_=None):
+    def __init__(self, config, reactor, token_threads=None):
         p = config.provider
         self.config = p
         self.timeout = float(p.timeout)  # the queue bounds a call by it
@@ -143,7 +145,7 @@ class GraphProvider(ProviderBase):
         self._warning_days = config.monitoring.secret_warning_days
         self._secrets = [s for s in config.secrets() if s]
         credentials.quiet_msal()
-        self._threads = threads_ or TokenThreads(reactor, size=2, name="smtprelay-msal")
+        self._threads = token_threads or TokenThreads(reactor, size=2, name="smtprelay-msal")
         self._tokens = credentials.GraphTokens(reactor, p, self._threads)
         self._http, self._pool = make_client(reactor, p.ca_file, max_per_host=16)
         self._slots = {}  # mailbox -> DeferredSemaphore of requests in flight
@@ -556,7 +558,7 @@ class GraphProvider(ProviderBase):
             log.info("m365: {id}: Graph answered 413 to sendMail ({size} bytes); sending it "
                      "through a draft", id=message.id, size=plan.mime_size)
             return None
-        return self._outcome(verdict)
+        return self._outcome(verdict, ambiguous=answer.status in _MAYBE_SENT)
 
     # -- the draft form ------------------------------------------------------------------------
 
@@ -686,13 +688,14 @@ class GraphProvider(ProviderBase):
                                          data=data, json_body=json_body, headers=headers,
                                          auth=auth, commit=commit)
             if answer.status in expect:
-                ctx.request_id = answer.request_id
                 return answer
             verdict = self._verdict(answer, operation)
             self._block(ctx.mailbox, verdict)
+            maybe_sent = commit and answer.status in _MAYBE_SENT
             transient = answer.status == 429 or answer.status >= 500
-            if verdict.action != errors.TEMPORARY or not transient or attempt == IN_PLACE_RETRIES:
-                raise _Failed(self._outcome(verdict))
+            if (verdict.action != errors.TEMPORARY or not transient or maybe_sent
+                    or attempt == IN_PLACE_RETRIES):
+                raise _Failed(self._outcome(verdict, ambiguous=maybe_sent))
             wait = (verdict.not_before - self._reactor.seconds() if verdict.not_before
                     else 2.0 ** attempt)
             yield self._wait(ctx, wait, operation, verdict)
