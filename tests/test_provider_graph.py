@@ -6,9 +6,7 @@ recorded: the call used, the recipients Graph computed, the bytes, drafts
 left behind, requests in flight.
 """
 
-import base64
 import datetime
-import hashlib
 import io
 import os
 import shutil

@@ -71,6 +71,8 @@ MAX_RESPONSE = 1 << 20  # success bodies (a draft's resource) are a few KB
 IN_PLACE_RETRIES = 3  # per request inside a draft
 IN_PLACE_WAIT = 60.0  # seconds a draft delivery may wait in total for Graph to recover
 DAY = 86400.0
+# a gateway timeout on a send: the backend may have sent the message all the same
+_MAYBE_SENT = frozenset({504})
 
 
 class _Failed(Exception):
@@ -124,9 +126,6 @@ class _Delivery:
         self.mailbox = message.mailbox
         self.waited = 0.0  # seconds spent waiting for Graph in place
         self.draft_id = None
-
-# a gateway timeout on a send: the backend may have sent it all the same
-_MAYBE_SENT = frozenset({504})
 
 
 @implementer(IProvider)
@@ -197,8 +196,13 @@ class GraphProvider(ProviderBase):
             yield self._tokens.token()
         except credentials.TokenFailed as e:
             log.warn("m365: {detail}", detail=self._scrub(e.verdict.detail))
+        except Exception:
+            log.failure("m365: getting a token failed")
         else:
-            yield self._refresh_expiry()
+            try:
+                yield self._refresh_expiry()
+            except Exception:  # the loop must live on to warn tomorrow
+                log.failure("m365: reading the secret's expiry from Graph failed")
         for warning in self.warnings():
             log.warn("m365: {warning}", warning=warning)
 
@@ -247,7 +251,8 @@ class GraphProvider(ProviderBase):
         except (credentials.TokenFailed, _Unanswered):
             return
         if answer.status == 200:
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.fromtimestamp(self._reactor.seconds(),
+                                                  datetime.timezone.utc)
             found = credentials.pick_secret_expiry(answer.json().get("passwordCredentials"),
                                                    p.client_secret.reveal(), now)
             if found is not None:
@@ -282,7 +287,7 @@ class GraphProvider(ProviderBase):
         sender = self._sender_default
         url = f"{self._graph}/v1.0/users/{self._quote(sender)}?$select=mail,userPrincipalName"
         try:
-            answer = yield self._request("GET", url, "getUser")
+            answer = yield self._request("GET", url, "getUser", mailbox=sender)
         except (credentials.TokenFailed, _Unanswered) as e:
             detail = e.verdict.detail if isinstance(e, credentials.TokenFailed) else e.detail
             return Step("sender mailbox", False, self._scrub(detail))
@@ -371,23 +376,26 @@ class GraphProvider(ProviderBase):
             sent_headers["Content-Type"] = "application/json"
         elif data is not None:
             kwargs["data"] = data
-        timed_out = []
-        d = self._http.request(method, url, **kwargs)
+        timed_out, waiting, response = [], [], None
 
         def expire():
             timed_out.append(True)
-            d.cancel()
+            if response is not None:  # stalled in the body: drop the connection
+                transport = getattr(getattr(response, "original", None), "_transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+            waiting[-1].cancel()
 
         timer = self._reactor.callLater(self.timeout, expire)
         try:
-            response = yield d
-            body = yield self._collect(response)
+            waiting.append(self._http.request(method, url, **kwargs))
+            response = yield waiting[-1]
+            waiting.append(self._collect(response))
+            body = yield waiting[-1]
         except Exception as e:
             failure = Failure(e)
-            if not timed_out and failure.check(defer.CancelledError, web_client.ResponseNeverReceived,
-                                               web_client.ResponseFailed):
-                if self._cancelled(failure):
-                    raise defer.CancelledError() from None
+            if not timed_out and self._cancelled(failure):
+                raise defer.CancelledError() from None
             what = errors.operation_text(operation)
             if timed_out:
                 raise _Unanswered(f"{what}: no answer from Graph within {self.timeout:g}s",
