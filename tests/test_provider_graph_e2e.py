@@ -120,6 +120,18 @@ def test_a_small_message_arrives_byte_exact(graph, m365_relay):
     assert outcome == "sent" and "sendMail" in detail and "request-id" in detail
 
 
+def test_the_default_keeps_no_copy_in_sent_items(graph, m365_relay):
+    relay = m365_relay(graph, provider={"save_to_sent_items": False})
+    raw = build_message()
+    message_id = submit(relay, raw, ("ann@example.com", "hidden@example.com"))
+    [record] = graph.messages(wait=1)
+    assert relay.wait_status(message_id, ("sent",)) == "sent"
+    assert (record["method"], record["saved_to_sent_items"]) == ("draft", False)
+    assert mime_of(record) == stored(relay, message_id)  # the draft is made of the bytes
+    assert (record["to"], record["bcc"]) == (["ann@example.com"], ["hidden@example.com"])
+    assert graph.control("GET", "drafts")["drafts"] == []
+
+
 def received_length(graph, relay):
     """How many bytes the relay's Received header adds (it is the same for every message)."""
     raw = build_message()
