@@ -324,6 +324,31 @@ class DraftTests(GraphProviderTestBase):
                             for w in provider.warnings()))
 
     @defer.inlineCallbacks
+    def test_a_draft_that_cannot_be_deleted_is_remembered_and_deleted_later(self):
+        self.patch(self.provider_class(), "_sleep", lambda self_, seconds: defer.succeed(None))
+        self.fake.add_fault("send", status=400, code="ErrorInvalidRecipients", message="no")
+        self.fake.add_fault("deleteMessage", status=500, times=3)
+        raw = build_message(attachments=[("big.bin", os.urandom(4 * MIB), "application/zip")])
+        provider = self.make_provider()
+        outcome = yield self.send(raw, provider=provider)
+        self.assertEqual(outcome.result, Result.PERMANENT, outcome.detail)
+        self.assertEqual(len(self.fake.drafts_left()), 1)
+        self.assertTrue(any("could not be deleted" in w for w in provider.warnings()))
+        # the next delivery for the mailbox deletes it
+        outcome = yield self.send(raw, provider=provider)
+        self.assertEqual(outcome.result, Result.SENT, outcome.detail)
+        for _ in range(100):
+            if not self.fake.drafts_left():
+                break
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+        self.assertEqual(self.fake.drafts_left(), [])
+        self.assertEqual(provider.warnings(), [])
+
+    @staticmethod
+    def provider_class():
+        return GraphProvider
+
+    @defer.inlineCallbacks
     def test_cancelling_a_delivery_deletes_its_draft(self):
         self.fake.add_fault("upload", action="hang")
         raw = build_message(attachments=[("big.bin", os.urandom(4 * MIB), "application/zip")])

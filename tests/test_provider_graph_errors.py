@@ -58,6 +58,11 @@ def test_a_second_401_is_temporary():
     assert v.action == TEMPORARY and "refused twice" in v.detail
 
 
+def test_a_refused_upload_url_is_temporary_and_needs_no_token():
+    v = e.classify(401, "InvalidAuthenticationToken", "expired", None, None, NOW, "upload")
+    assert v.action == TEMPORARY and "upload session" in v.detail
+
+
 def test_retry_after_applies_to_the_mailbox():
     throttled = e.classify(429, "ApplicationThrottled", "over", None, NOW + 7, NOW)
     assert (throttled.not_before, throttled.mailbox_wide) == (NOW + 7, True)
@@ -108,7 +113,7 @@ def test_every_answer_has_a_one_line_verdict(status, code, message, rid, operati
     if v.action == PERMANENT:
         assert 400 <= status < 500 and status not in (401, 408, 413, 429)
     if v.action == REFRESH:
-        assert status == 401 and not refreshed
+        assert status == 401 and not refreshed and operation != "upload"
 
 
 # ---------------------------------------------------------------- tokens

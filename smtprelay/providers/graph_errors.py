@@ -132,6 +132,8 @@ def classify(status, code=None, message=None, request_id=None, retry_after=None,
         return Verdict(action, detail, not_before, mailbox_wide)
 
     if status == 401:
+        if operation == "upload":  # the upload URL carries its own, short-lived authorization
+            return verdict(TEMPORARY, "the upload session's URL was refused (expired?)")
         if not refreshed:
             return verdict(REFRESH)
         return verdict(TEMPORARY, "the token was refused twice; retrying later")
