@@ -400,7 +400,7 @@ class GraphProvider(ProviderBase):
             if timed_out:
                 raise _Unanswered(f"{what}: no answer from Graph within {self.timeout:g}s",
                                   commit) from None
-            raise _Unanswered(f"{what}: {describe_failure(failure)}",
+            raise _Unanswered(f"{what}: {errors.one_line(describe_failure(failure))}",
                               commit and self._maybe_sent(failure)) from None
         finally:
             if timer.active():
