@@ -1,8 +1,9 @@
 """The Microsoft 365 provider: messages sent through Microsoft Graph as the sending mailbox.
 
 One :class:`GraphProvider` per relay holds one msal application
-(:mod:`~smtprelay.providers.graph_credentials`), one treq connection pool and
-the per-mailbox request slots.  For each message it asks
+(:mod:`~smtprelay.providers.graph_credentials`) and one
+:class:`~smtprelay.providers.graph_http.GraphClient` (the treq connection pool
+and the per-mailbox request slots).  For each message it asks
 :mod:`~smtprelay.providers.graph_mime` (on a thread: it reads the file) for a
 plan, then runs it:
 
@@ -12,9 +13,9 @@ plan, then runs it:
   (``save_to_sent_items = true``).  Envelope-only recipients ride in an added
   Bcc header, which Graph removes: the recipients see the original bytes.
 * **a draft** otherwise: ``POST /messages`` with the MIME less the attachments
-  that do not fit, a ``PATCH`` setting the recipients explicitly when the
-  headers name someone outside the envelope (and ``PidTagDeleteAfterSubmit``
-  for ``save_to_sent_items = false``), each attachment through an upload
+  that do not fit, a ``PATCH`` setting the recipients to exactly the envelope
+  when the headers say otherwise (and ``PidTagDeleteAfterSubmit`` for
+  ``save_to_sent_items = false``), each attachment through an upload
   session (3 MB and up: 3.75 MB chunks, in order, no Authorization) or one
   ``POST .../attachments``, then ``POST .../send``.  Any failure on the way
   deletes the draft.  The requests of one delivery run one after the other,
@@ -36,25 +37,18 @@ reaches a detail or the log.
 """
 
 import datetime
-import json
 import time
-import uuid
 from urllib.parse import quote
 
 import attr
-import treq
-from OpenSSL import SSL
-from twisted.internet import defer, error as net_error, task, threads
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web import client as web_client
 from zope.interface import implementer
 
 from smtprelay.model import Outcome, Result
 from smtprelay.providers import graph_credentials as credentials
 from smtprelay.providers import graph_errors as errors
 from smtprelay.providers import graph_mime as mime
-from smtprelay.providers._http import describe_failure, json_error, make_client, retry_after
 from smtprelay.providers._tokens import TokenThreads
 from smtprelay.providers.base import (
     CheckResult,
@@ -63,11 +57,10 @@ from smtprelay.providers.base import (
     ProviderBase,
     Step,
 )
+from smtprelay.providers.graph_http import GraphClient, Unanswered
 
 log = Logger()
 
-GRAPH_MAILBOX_CONCURRENCY = 4  # Graph throttles a fifth request in flight per mailbox
-MAX_RESPONSE = 1 << 20  # success bodies (a draft's resource) are a few KB
 IN_PLACE_RETRIES = 3  # per request inside a draft
 IN_PLACE_WAIT = 60.0  # seconds a draft delivery may wait in total for Graph to recover
 DAY = 86400.0
@@ -81,41 +74,6 @@ class _Failed(Exception):
     def __init__(self, outcome):
         super().__init__(outcome.detail)
         self.outcome = outcome
-
-
-class _Unanswered(Exception):
-    """A request that got no HTTP answer; ``maybe_sent``: it may have been processed."""
-
-    def __init__(self, detail, maybe_sent):
-        super().__init__(detail)
-        self.detail = detail
-        self.maybe_sent = maybe_sent
-
-
-class _Answer:
-    def __init__(self, status, headers, body, now):
-        self.status = status
-        self.headers = headers
-        self.body = body
-        self.now = now
-        self.code, self.message, extra = json_error(body) if status >= 400 else (None, None, None)
-        rid = headers.getRawHeaders(b"request-id")
-        inner = (extra or {}).get("innerError") if isinstance(extra, dict) else None
-        if rid:
-            self.request_id = rid[0].decode("latin-1")
-        elif isinstance(inner, dict):
-            self.request_id = inner.get("request-id")
-        else:
-            self.request_id = None
-
-    def json(self):
-        try:
-            return json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return {}
-
-    def retry_after(self):
-        return retry_after(self.headers, self.now)
 
 
 class _Delivery:
@@ -140,14 +98,13 @@ class GraphProvider(ProviderBase):
         self._graph = p.graph_endpoint.rstrip("/")
         self._sender_default = config.sender.default
         self._save = bool(p.save_to_sent_items)
-        self._concurrency = max(1, min(config.delivery.concurrency, GRAPH_MAILBOX_CONCURRENCY))
         self._warning_days = config.monitoring.secret_warning_days
         self._secrets = [s for s in config.secrets() if s]
         credentials.quiet_msal()
         self._threads = token_threads or TokenThreads(reactor, size=2, name="smtprelay-msal")
         self._tokens = credentials.GraphTokens(reactor, p, self._threads)
-        self._http, self._pool = make_client(reactor, p.ca_file, max_per_host=16)
-        self._slots = {}  # mailbox -> DeferredSemaphore of requests in flight
+        self._client = GraphClient(reactor, self._tokens, p.ca_file, p.timeout,
+                                   config.delivery.concurrency)
         self._blocked = {}  # mailbox -> epoch seconds before which Graph asked us to wait
         self._no_drafts = {}  # mailbox -> until when save_to_sent_items=false falls back
         self._orphans = []  # (mailbox, draft id) whose deletion failed
@@ -184,7 +141,7 @@ class GraphProvider(ProviderBase):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        yield self._pool.closeCachedConnections()
+        yield self._client.close()
         try:
             yield self._tokens.close()
         finally:
@@ -247,8 +204,8 @@ class GraphProvider(ProviderBase):
         url = (f"{self._graph}/v1.0/applications(appId='{quote(p.client_id, safe='')}')"
                "?$select=passwordCredentials")
         try:
-            answer = yield self._request("GET", url, "getApplication")
-        except (credentials.TokenFailed, _Unanswered):
+            answer = yield self._client.request("GET", url, "getApplication")
+        except (credentials.TokenFailed, Unanswered):
             return
         if answer.status == 200:
             now = datetime.datetime.fromtimestamp(self._reactor.seconds(),
@@ -287,8 +244,8 @@ class GraphProvider(ProviderBase):
         sender = self._sender_default
         url = f"{self._graph}/v1.0/users/{self._quote(sender)}?$select=mail,userPrincipalName"
         try:
-            answer = yield self._request("GET", url, "getUser", mailbox=sender)
-        except (credentials.TokenFailed, _Unanswered) as e:
+            answer = yield self._client.request("GET", url, "getUser", mailbox=sender)
+        except (credentials.TokenFailed, Unanswered) as e:
             detail = e.verdict.detail if isinstance(e, credentials.TokenFailed) else e.detail
             return Step("sender mailbox", False, self._scrub(detail))
         if answer.status == 200:
@@ -299,8 +256,7 @@ class GraphProvider(ProviderBase):
             return Step("sender mailbox", True,
                         f"{sender}: not permitted to read users (User.Read.All); sending may "
                         "still work")
-        verdict = errors.classify(answer.status, answer.code, answer.message, answer.request_id,
-                                  answer.retry_after(), answer.now, "getUser", refreshed=True)
+        verdict = answer.verdict("getUser")
         return Step("sender mailbox", False, f"{sender}: {verdict.detail}")
 
     def _expiry_step(self):
@@ -325,124 +281,6 @@ class GraphProvider(ProviderBase):
     @staticmethod
     def _quote(mailbox):
         return quote(mailbox, safe="@")
-
-    def _slot(self, mailbox):
-        key = mailbox.lower()
-        slot = self._slots.get(key)
-        if slot is None:
-            slot = self._slots[key] = defer.DeferredSemaphore(self._concurrency)
-        return slot
-
-    def _release_slot(self, mailbox):
-        key = mailbox.lower()
-        slot = self._slots.get(key)
-        slot.release()
-        if slot.tokens == slot.limit and not slot.waiting:
-            del self._slots[key]
-
-    @defer.inlineCallbacks
-    def _request(self, method, url, operation, mailbox=None, data=None, json_body=None,
-                 headers=None, auth=True, commit=False):
-        """One Graph request -> _Answer; a 401 renews the token and tries once more.
-
-        Raises credentials.TokenFailed, _Unanswered, or CancelledError when the
-        caller (the queue) cancels.
-        """
-        if mailbox is not None:
-            yield self._slot(mailbox).acquire()
-        try:
-            for attempt in (1, 2):
-                token = (yield self._tokens.token()) if auth else None
-                answer = yield self._exchange(method, url, operation, data, json_body,
-                                              headers, token, commit)
-                if answer.status == 401 and auth and attempt == 1:
-                    self._tokens.refused(token)
-                    continue
-                return answer
-        finally:
-            if mailbox is not None:
-                self._release_slot(mailbox)
-
-    @defer.inlineCallbacks
-    def _exchange(self, method, url, operation, data, json_body, headers, token, commit):
-        sent_headers = {"client-request-id": str(uuid.uuid4()),
-                        "return-client-request-id": "true"}
-        sent_headers.update(headers or {})
-        if token is not None:
-            sent_headers["Authorization"] = f"Bearer {token}"
-        kwargs = {"headers": sent_headers, "allow_redirects": False, "unbuffered": True}
-        if json_body is not None:
-            kwargs["data"] = json.dumps(json_body).encode("utf-8")
-            sent_headers["Content-Type"] = "application/json"
-        elif data is not None:
-            kwargs["data"] = data
-        timed_out, waiting, response = [], [], None
-
-        def expire():
-            timed_out.append(True)
-            if response is not None:  # stalled in the body: drop the connection
-                transport = getattr(getattr(response, "original", None), "_transport", None)
-                if transport is not None:
-                    transport.abortConnection()
-            waiting[-1].cancel()
-
-        timer = self._reactor.callLater(self.timeout, expire)
-        try:
-            waiting.append(self._http.request(method, url, **kwargs))
-            response = yield waiting[-1]
-            waiting.append(self._collect(response))
-            body = yield waiting[-1]
-        except Exception as e:
-            failure = Failure(e)
-            if not timed_out and self._cancelled(failure):
-                raise defer.CancelledError() from None
-            what = errors.operation_text(operation)
-            if timed_out:
-                raise _Unanswered(f"{what}: no answer from Graph within {self.timeout:g}s",
-                                  commit) from None
-            raise _Unanswered(f"{what}: {errors.one_line(describe_failure(failure))}",
-                              commit and self._maybe_sent(failure)) from None
-        finally:
-            if timer.active():
-                timer.cancel()
-        return _Answer(response.code, response.headers, body, self._reactor.seconds())
-
-    @staticmethod
-    def _collect(response):
-        """The body of ``response``, capped (the request's timeout still runs)."""
-        chunks, size = [], [0]
-
-        def collect(data):
-            if size[0] < MAX_RESPONSE:
-                chunks.append(data[: MAX_RESPONSE - size[0]])
-            size[0] += len(data)
-
-        d = treq.collect(response, collect)
-        d.addCallback(lambda _: b"".join(chunks))
-        return d
-
-    @staticmethod
-    def _cancelled(failure):
-        """Was this request cancelled from outside (not by its own timeout)?"""
-        if failure.check(defer.CancelledError):
-            return True
-        reasons = getattr(failure.value, "reasons", None) or ()
-        return any(r.check(defer.CancelledError) for r in reasons)
-
-    @staticmethod
-    def _maybe_sent(failure):
-        """Could Graph have processed a request that got no answer?"""
-        if failure.check(web_client.RequestTransmissionFailed, web_client.RequestNotSent,
-                         net_error.ConnectError, net_error.DNSLookupError, SSL.Error):
-            return False
-        reasons = getattr(failure.value, "reasons", None) or ()
-        if reasons and all(r.check(SSL.Error) for r in reasons):
-            return False  # the TLS handshake failed: nothing was sent
-        return True
-
-    def _verdict(self, answer, operation):
-        return errors.classify(answer.status, answer.code, answer.message, answer.request_id,
-                               answer.retry_after(), answer.now, operation, refreshed=True)
 
     def _outcome(self, verdict, ambiguous=False):
         if verdict.action == errors.PERMANENT:
@@ -483,7 +321,7 @@ class GraphProvider(ProviderBase):
             outcome = e.outcome
         except credentials.TokenFailed as e:
             outcome = Outcome.temporary(e.verdict.detail)
-        except _Unanswered as e:
+        except Unanswered as e:
             outcome = Outcome.temporary(e.detail, ambiguous=e.maybe_sent)
         if outcome.mailbox_wide and outcome.not_before:
             key = message.mailbox.lower()
@@ -553,7 +391,7 @@ class GraphProvider(ProviderBase):
     def _send_mime(self, message, plan, payload):
         """sendMail with the base64 MIME -> Outcome, or None after a 413."""
         mailbox = message.mailbox
-        answer = yield self._request("POST", f"{self._users(mailbox)}/sendMail", "sendMail",
+        answer = yield self._client.request("POST", f"{self._users(mailbox)}/sendMail", "sendMail",
                                      mailbox=mailbox, data=payload,
                                      headers={"Content-Type": "text/plain"}, commit=True)
         del payload
@@ -561,7 +399,7 @@ class GraphProvider(ProviderBase):
             return Outcome.sent(
                 f"sent as {mailbox} with sendMail ({plan.mime_size:,} bytes of MIME)"
                 f"{self._bcc_note(plan)}{self._rid(answer)}", provider_id=answer.request_id)
-        verdict = self._verdict(answer, "sendMail")
+        verdict = answer.verdict("sendMail")
         if verdict.action == errors.TOO_LARGE:
             log.info("m365: {id}: Graph answered 413 to sendMail ({size} bytes); sending it "
                      "through a draft", id=message.id, size=plan.mime_size)
@@ -646,7 +484,7 @@ class GraphProvider(ProviderBase):
     def _create_draft(self, ctx, plan, payload):
         """The draft's id; an Outcome when it failed; None after a 413; "fallback"."""
         mailbox = ctx.mailbox
-        answer = yield self._request("POST", f"{self._users(mailbox)}/messages",
+        answer = yield self._client.request("POST", f"{self._users(mailbox)}/messages",
                                      "createMessage", mailbox=mailbox, data=payload,
                                      headers={"Content-Type": "text/plain"})
         if answer.status in (200, 201):
@@ -655,7 +493,7 @@ class GraphProvider(ProviderBase):
                 return Outcome.temporary("creating the draft: Graph answered "
                                          f"{answer.status} without an id")
             return draft_id
-        verdict = self._verdict(answer, "createMessage")
+        verdict = answer.verdict("createMessage")
         if verdict.action == errors.TOO_LARGE:
             return None
         if (answer.status == 403 and answer.code == "ErrorAccessDenied"
@@ -692,12 +530,12 @@ class GraphProvider(ProviderBase):
             blocked = self._blocked_until(ctx.mailbox)
             if blocked is not None:
                 yield self._wait(ctx, blocked - self._reactor.seconds(), operation)
-            answer = yield self._request(method, url, operation, mailbox=ctx.mailbox,
+            answer = yield self._client.request(method, url, operation, mailbox=ctx.mailbox,
                                          data=data, json_body=json_body, headers=headers,
                                          auth=auth, commit=commit)
             if answer.status in expect:
                 return answer
-            verdict = self._verdict(answer, operation)
+            verdict = answer.verdict(operation)
             self._block(ctx.mailbox, verdict)
             maybe_sent = commit and answer.status in _MAYBE_SENT
             transient = answer.status == 429 or answer.status >= 500
@@ -770,13 +608,13 @@ class GraphProvider(ProviderBase):
         url = f"{self._users(mailbox)}/messages/{quote(draft_id, safe='')}"
         for attempt in range(3):
             try:
-                answer = yield self._request("DELETE", url, "deleteMessage", mailbox=mailbox)
-            except (credentials.TokenFailed, _Unanswered) as e:
+                answer = yield self._client.request("DELETE", url, "deleteMessage", mailbox=mailbox)
+            except (credentials.TokenFailed, Unanswered) as e:
                 detail = e.verdict.detail if isinstance(e, credentials.TokenFailed) else e.detail
             else:
                 if answer.status in (200, 204, 404):
                     return True
-                verdict = self._verdict(answer, "deleteMessage")
+                verdict = answer.verdict("deleteMessage")
                 detail = verdict.detail
                 if verdict.action == errors.PERMANENT:
                     break
