@@ -391,9 +391,9 @@ class GraphProvider(ProviderBase):
     def _send_mime(self, message, plan, payload):
         """sendMail with the base64 MIME -> Outcome, or None after a 413."""
         mailbox = message.mailbox
-        answer = yield self._client.request("POST", f"{self._users(mailbox)}/sendMail", "sendMail",
-                                     mailbox=mailbox, data=payload,
-                                     headers={"Content-Type": "text/plain"}, commit=True)
+        answer = yield self._client.request(
+            "POST", f"{self._users(mailbox)}/sendMail", "sendMail", mailbox=mailbox,
+            data=payload, headers={"Content-Type": "text/plain"}, commit=True)
         del payload
         if answer.status == 202 or 200 <= answer.status < 300:
             return Outcome.sent(
@@ -485,8 +485,8 @@ class GraphProvider(ProviderBase):
         """The draft's id; an Outcome when it failed; None after a 413; "fallback"."""
         mailbox = ctx.mailbox
         answer = yield self._client.request("POST", f"{self._users(mailbox)}/messages",
-                                     "createMessage", mailbox=mailbox, data=payload,
-                                     headers={"Content-Type": "text/plain"})
+                                             "createMessage", mailbox=mailbox, data=payload,
+                                             headers={"Content-Type": "text/plain"})
         if answer.status in (200, 201):
             draft_id = answer.json().get("id")
             if not draft_id:
@@ -531,8 +531,8 @@ class GraphProvider(ProviderBase):
             if blocked is not None:
                 yield self._wait(ctx, blocked - self._reactor.seconds(), operation)
             answer = yield self._client.request(method, url, operation, mailbox=ctx.mailbox,
-                                         data=data, json_body=json_body, headers=headers,
-                                         auth=auth, commit=commit)
+                                                 data=data, json_body=json_body, headers=headers,
+                                                 auth=auth, commit=commit)
             if answer.status in expect:
                 return answer
             verdict = answer.verdict(operation)
@@ -608,7 +608,8 @@ class GraphProvider(ProviderBase):
         url = f"{self._users(mailbox)}/messages/{quote(draft_id, safe='')}"
         for attempt in range(3):
             try:
-                answer = yield self._client.request("DELETE", url, "deleteMessage", mailbox=mailbox)
+                answer = yield self._client.request("DELETE", url, "deleteMessage",
+                                                    mailbox=mailbox)
             except (credentials.TokenFailed, Unanswered) as e:
                 detail = e.verdict.detail if isinstance(e, credentials.TokenFailed) else e.detail
             else:

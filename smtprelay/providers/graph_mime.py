@@ -402,7 +402,8 @@ def _entity(f, start, end, boundaries, parent, parts, depth):
     if part.multipart and depth < MAX_DEPTH:
         inner = (part.boundary,) + tuple(boundaries)
         delimiter, _ = _next_delimiter(f, body_start, inner)
-        while delimiter is not None and delimiter.boundary == part.boundary and not delimiter.close:
+        while (delimiter is not None and delimiter.boundary == part.boundary
+               and not delimiter.close):
             child_index = len(parts)
             following = _entity(f, delimiter.line_end, end, inner, part.index, parts, depth + 1)
             child = parts[child_index]
