@@ -154,7 +154,7 @@ def test_the_scanner_agrees_with_the_email_package(raw):
     expected = email_leaves(raw)
     assert [p.content_type for p in leaves] == [e.get_content_type() for e in expected]
     for p, e in zip(leaves, expected, strict=True):
-        decoded = b"".join(gm._decoded(f, p, 1000))
+        decoded = b"".join(gm.decoded_pieces(f, p))
         assert decoded == (e.get_payload(decode=True) or b""), p
         assert p.decoded_size == len(decoded)
         assert p.filename == e.get_filename()
@@ -197,9 +197,9 @@ def test_quoted_printable_and_8bit_attachments():
     parts = gm.scan(f)
     gm.measure(f, parts)
     qp, eight = parts[2], parts[3]
-    assert b"".join(gm._decoded(f, qp, 100)) == "a=b,üsoft\r\nline2".encode()
+    assert b"".join(gm.decoded_pieces(f, qp)) == "a=b,üsoft\r\nline2".encode()
     assert qp.decoded_size == len("a=b,üsoft\r\nline2".encode())
-    assert (eight.filename, b"".join(gm._decoded(f, eight, 100))) == ("über.txt",
+    assert (eight.filename, b"".join(gm.decoded_pieces(f, eight))) == ("über.txt",
                                                                     "über".encode())
     assert parts[0].body_end == len(raw)
 
@@ -217,7 +217,7 @@ def test_an_unclosed_multipart_ends_at_the_end():
            b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\nQUJD\r\n")
     f = io.BytesIO(raw)
     parts = gm.scan(f)
-    assert b"".join(gm._decoded(f, parts[1], 10)) == b"ABC"
+    assert b"".join(gm.decoded_pieces(f, parts[1])) == b"ABC"
     assert parts[1].cut == (raw.index(b"--b"), len(raw))
 
 

@@ -24,6 +24,7 @@ receives) is :func:`reconcile`.
 
 import base64
 import binascii
+import email.errors
 import email.header
 import email.parser
 import email.policy
@@ -586,7 +587,7 @@ def measure(f, parts):
     """Fill in the decoded size of quoted-printable leaves (the others are known)."""
     for p in parts:
         if p.decoded_size is None and not p.multipart and p.encoding == "quoted-printable":
-            p.decoded_size = sum(len(c) for c in _decoded(f, p, _READ))
+            p.decoded_size = sum(len(c) for c in decoded_pieces(f, p))
 
 
 def _raw(f, start, end):
@@ -600,7 +601,7 @@ def _raw(f, start, end):
         yield data
 
 
-def _decoded(f, part, chunk):
+def decoded_pieces(f, part):
     """The decoded body of ``part``, in pieces of any size."""
     if part.encoding == "base64":
         pending = b""
@@ -629,7 +630,7 @@ def _decoded(f, part, chunk):
 def decoded_chunks(f, part, chunk=UPLOAD_CHUNK):
     """The decoded body of ``part`` in chunks of exactly ``chunk`` bytes (the last shorter)."""
     out = bytearray()
-    for piece in _decoded(f, part, chunk):
+    for piece in decoded_pieces(f, part):
         out += piece
         while len(out) >= chunk:
             yield bytes(out[:chunk])
@@ -640,7 +641,7 @@ def decoded_chunks(f, part, chunk=UPLOAD_CHUNK):
 
 def attachment_body(f, part, attachment):
     """The JSON body of ``POST .../attachments`` for a small moved attachment."""
-    content = b"".join(_decoded(f, part, _READ))
+    content = b"".join(decoded_pieces(f, part))
     resource = attachment.resource(base64.b64encode(content).decode("ascii"))
     return json.dumps(resource).encode("utf-8")
 
