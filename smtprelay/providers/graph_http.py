@@ -1,0 +1,208 @@
+"""One request to Microsoft Graph, as the m365 provider makes them all.
+
+:class:`GraphClient` owns the provider's treq connection pool (persistent,
+trusting the system store plus ``ca_file``) and the per-mailbox request slots
+(never more than ``min(delivery.concurrency, 4)`` requests in flight for one
+mailbox, whatever calls them).  :meth:`GraphClient.request` adds the bearer
+token (or none, for upload URLs), renews a refused token once, bounds the
+request *and* its body by ``provider.timeout``, and turns what happened into
+either an :class:`Answer` (any HTTP status) or :class:`Unanswered` (no
+answer: connection, TLS, timeout), telling whether Graph may have acted on
+it.  A cancellation from outside (the queue giving up, shutdown) stays a
+``CancelledError``.  What an answer means is for
+:mod:`~smtprelay.providers.graph_errors` to say.
+"""
+
+import json
+import uuid
+
+import treq
+from OpenSSL import SSL
+from twisted.internet import defer, error as net_error
+from twisted.python.failure import Failure
+from twisted.web import client as web_client
+
+from smtprelay.providers import graph_errors as errors
+from smtprelay.providers._http import describe_failure, json_error, make_client, retry_after
+
+GRAPH_MAILBOX_CONCURRENCY = 4  # Graph throttles a fifth request in flight per mailbox
+MAX_RESPONSE = 1 << 20  # success bodies (a draft's resource) are a few KB
+
+
+class Unanswered(Exception):
+    """A request that got no HTTP answer; ``maybe_sent``: Graph may have processed it."""
+
+    def __init__(self, detail, maybe_sent):
+        super().__init__(detail)
+        self.detail = detail
+        self.maybe_sent = maybe_sent
+
+
+class Answer:
+    """An HTTP answer: status, headers, body (capped), Graph's error code and message."""
+
+    def __init__(self, status, headers, body, now):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.now = now
+        self.code, self.message, extra = json_error(body) if status >= 400 else (None, None, None)
+        rid = headers.getRawHeaders(b"request-id")
+        inner = extra.get("innerError") if isinstance(extra, dict) else None
+        if rid:
+            self.request_id = rid[0].decode("latin-1")
+        elif isinstance(inner, dict):
+            self.request_id = inner.get("request-id")
+        else:
+            self.request_id = None
+
+    def json(self):
+        try:
+            document = json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return {}
+        return document if isinstance(document, dict) else {}
+
+    def retry_after(self):
+        return retry_after(self.headers, self.now)
+
+    def verdict(self, operation):
+        """What this answer means (the token was already renewed once if it had to be)."""
+        return errors.classify(self.status, self.code, self.message, self.request_id,
+                               self.retry_after(), self.now, operation, refreshed=True)
+
+
+class GraphClient:
+    def __init__(self, reactor, tokens, ca_file="", timeout=60.0, concurrency=4):
+        self._reactor = reactor
+        self._tokens = tokens
+        self.timeout = float(timeout)
+        self.concurrency = max(1, min(int(concurrency), GRAPH_MAILBOX_CONCURRENCY))
+        self._http, self._pool = make_client(reactor, ca_file, max_per_host=16)
+        self._slots = {}  # mailbox -> DeferredSemaphore of requests in flight
+
+    def close(self):
+        return self._pool.closeCachedConnections()
+
+    # -- per-mailbox slots ---------------------------------------------------------------
+
+    def _slot(self, mailbox):
+        key = mailbox.lower()
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = defer.DeferredSemaphore(self.concurrency)
+        return slot
+
+    def _release_slot(self, mailbox):
+        key = mailbox.lower()
+        slot = self._slots.get(key)
+        slot.release()
+        if slot.tokens == slot.limit and not slot.waiting:
+            del self._slots[key]
+
+    def in_flight(self, mailbox):
+        slot = self._slots.get(mailbox.lower())
+        return 0 if slot is None else slot.limit - slot.tokens
+
+    # -- requests --------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def request(self, method, url, operation, mailbox=None, data=None, json_body=None,
+                headers=None, auth=True, commit=False):
+        """-> :class:`Answer`; raises ``TokenFailed``, :class:`Unanswered` or CancelledError.
+
+        ``mailbox``: the request counts against that mailbox's slots.
+        ``auth=False`` for pre-authorized URLs (upload sessions).  ``commit``:
+        the request may send a message, so a lost answer is ambiguous.
+        """
+        if mailbox is not None:
+            yield self._slot(mailbox).acquire()
+        try:
+            for attempt in (1, 2):
+                token = (yield self._tokens.token()) if auth else None
+                answer = yield self._exchange(method, url, operation, data, json_body,
+                                              headers, token, commit)
+                if answer.status == 401 and auth and attempt == 1:
+                    self._tokens.refused(token)
+                    continue
+                return answer
+        finally:
+            if mailbox is not None:
+                self._release_slot(mailbox)
+
+    @defer.inlineCallbacks
+    def _exchange(self, method, url, operation, data, json_body, headers, token, commit):
+        sent_headers = {"client-request-id": str(uuid.uuid4()),
+                        "return-client-request-id": "true"}
+        sent_headers.update(headers or {})
+        if token is not None:
+            sent_headers["Authorization"] = f"Bearer {token}"
+        kwargs = {"headers": sent_headers, "allow_redirects": False, "unbuffered": True}
+        if json_body is not None:
+            kwargs["data"] = json.dumps(json_body).encode("utf-8")
+            sent_headers["Content-Type"] = "application/json"
+        elif data is not None:
+            kwargs["data"] = data
+        timed_out, waiting, response = [], [], None
+
+        def expire():
+            timed_out.append(True)
+            if response is not None:  # stalled in the body: drop the connection
+                transport = getattr(getattr(response, "original", None), "_transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+            waiting[-1].cancel()
+
+        timer = self._reactor.callLater(self.timeout, expire)
+        try:
+            waiting.append(self._http.request(method, url, **kwargs))
+            response = yield waiting[-1]
+            waiting.append(self._collect(response))
+            body = yield waiting[-1]
+        except Exception as e:
+            failure = Failure(e)
+            if not timed_out and _cancelled(failure):
+                raise defer.CancelledError() from None
+            what = errors.operation_text(operation)
+            if timed_out:
+                raise Unanswered(f"{what}: no answer from Graph within {self.timeout:g}s",
+                                 commit) from None
+            raise Unanswered(f"{what}: {errors.one_line(describe_failure(failure))}",
+                             commit and _maybe_sent(failure)) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        return Answer(response.code, response.headers, body, self._reactor.seconds())
+
+    @staticmethod
+    def _collect(response):
+        """The body of ``response``, capped (the request's timeout still runs)."""
+        chunks, size = [], [0]
+
+        def collect(data):
+            if size[0] < MAX_RESPONSE:
+                chunks.append(data[: MAX_RESPONSE - size[0]])
+            size[0] += len(data)
+
+        d = treq.collect(response, collect)
+        d.addCallback(lambda _: b"".join(chunks))
+        return d
+
+
+def _cancelled(failure):
+    """Was this request cancelled from outside (not by its own timeout)?"""
+    if failure.check(defer.CancelledError):
+        return True
+    reasons = getattr(failure.value, "reasons", None) or ()
+    return any(r.check(defer.CancelledError) for r in reasons)
+
+
+def _maybe_sent(failure):
+    """Could Graph have processed a request that got no answer?"""
+    if failure.check(web_client.RequestTransmissionFailed, web_client.RequestNotSent,
+                     net_error.ConnectError, net_error.DNSLookupError, SSL.Error):
+        return False
+    reasons = getattr(failure.value, "reasons", None) or ()
+    if reasons and all(r.check(SSL.Error) for r in reasons):
+        return False  # the TLS handshake failed: nothing was sent
+    return True
