@@ -101,13 +101,14 @@ class QueueRunner(service.Service):
         if self._polling is not None:
             yield self._polling
         pending = list(self._in_flight.values())
-        if pending:
-            grace = self.delivery.direct_timeout if grace is None else grace
+        grace = self.delivery.direct_timeout if grace is None else grace
+        if pending and grace > 0:
             done = defer.DeferredList(pending, consumeErrors=True)
             timer = task.deferLater(self.clock, grace, lambda: None)
             yield defer.DeferredList([done, timer], fireOnOneCallback=True, consumeErrors=True)
             if not timer.called:
                 timer.cancel()
+        if pending:
             left = list(self._in_flight)
             if left:
                 log.warn("stopping with {n} deliveries in flight; their leases are released",
@@ -205,10 +206,18 @@ class QueueRunner(service.Service):
             start = time.monotonic()
             outcome = yield self._attempt(claim)
             duration = time.monotonic() - start
+            # before the slot is free: the next message of this mailbox must see it
+            self._hold_mailbox(claim, outcome)
         finally:
             sem.release()
         transition = yield self._record(claim, outcome, int(duration * 1000))
         return transition
+
+    def _hold_mailbox(self, claim, outcome):
+        if outcome.mailbox_wide and outcome.not_before:
+            key = claim.mailbox.lower()
+            self.limiter.blocked_until[key] = max(self.limiter.blocked_until.get(key, 0),
+                                                  outcome.not_before)
 
     @defer.inlineCallbacks
     def _attempt(self, claim):
@@ -265,9 +274,7 @@ class QueueRunner(service.Service):
                                      self.delivery.max_age, duration_ms,
                                      self.store.instance_id)
         if outcome.mailbox_wide and outcome.not_before and outcome.not_before > now:
-            key = claim.mailbox.lower()
-            self.limiter.blocked_until[key] = max(self.limiter.blocked_until.get(key, 0),
-                                                  outcome.not_before)
+            self._hold_mailbox(claim, outcome)
             try:
                 yield self.store.block_mailbox(claim.mailbox, outcome.not_before)
             except Exception:

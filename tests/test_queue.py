@@ -65,22 +65,36 @@ class QueueTests(unittest.TestCase):
         r = QueueRunner(self.store, provider, d, self.clock, poll_interval=1.0)
         r.startService()
         self.addCleanup(lambda: r.stopService(grace=0) if r.running else None)
+        self.r, self.provider = r, provider
         return r
 
+    def quiet(self):
+        """Nothing left to do until the fake clock moves: no claim in progress,
+        no wake-up due now, and every delivery in flight waits on the provider."""
+        r = self.r
+        hanging = sum(1 for d in self.provider.hanging if not d.called)
+        return (r._polling is None and len(r._in_flight) <= hanging
+                and not (r._wake_call is not None and r._wake_call.active()))
+
     @defer.inlineCallbacks
-    def settle(self, rounds=30):
-        """Let store threads and the fake clock take turns until quiet."""
-        for _ in range(rounds):
+    def settle(self):
+        """Let store threads and the fake clock take turns until quiet (real
+        time is only waited on while store threads work)."""
+        calm = 0
+        for _ in range(2000):
             self.clock.advance(0)
-            yield task.deferLater(reactor, 0.005, lambda: None)
+            yield task.deferLater(reactor, 0.002, lambda: None)
+            calm = calm + 1 if self.quiet() else 0
+            if calm >= 5:
+                return
+        raise AssertionError("the queue did not settle")
 
     @defer.inlineCallbacks
     def advance(self, seconds, step=1.0):
         end = self.clock.seconds() + seconds
         while self.clock.seconds() < end:
             self.clock.advance(min(step, end - self.clock.seconds()))
-            yield self.settle(4)
-        yield self.settle()
+            yield self.settle()
 
     @defer.inlineCallbacks
     def accept(self, n=0, **kw):
@@ -209,7 +223,9 @@ class QueueTests(unittest.TestCase):
         r = self.runner(provider)
         env = yield self.accept()
         r.wake()
-        yield self.advance(100, step=10)
+        yield self.settle()
+        self.assertEqual(len(provider.calls), 1)
+        yield self.advance(101, step=10)
         d = yield self.store.delivery(env.id)
         self.assertEqual(d["status"], "deferred")
         self.assertIn("may have been sent", d["error"])

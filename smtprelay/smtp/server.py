@@ -712,7 +712,8 @@ class RelaySMTP(ESMTP):
             id=message_id,
             sender=decision.address,
             original_sender=t.original_sender,
-            mailbox=decision.address or sender_cfg.default or t.original_sender,
+            # one spelling per mailbox: back-off and concurrency are counted by it
+            mailbox=(decision.address or sender_cfg.default or t.original_sender).lower(),
             recipients=tuple(t.recipients),
             received_at=now,
             size=size,
