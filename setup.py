@@ -77,6 +77,7 @@ setup(
             "trustme>=1.1",
             "aiosmtpd>=1.4",
             "playwright>=1.44",
+            "docutils>=0.20",
         ],
     },
     entry_points={"console_scripts": ["smtprelay = smtprelay.cli:main"]},

@@ -27,3 +27,16 @@ def test_the_plugin_dropin_has_no_package_init():
     # an __init__.py there would shadow Twisted's own twisted.plugins package
     assert not (REPO / "twisted" / "__init__.py").exists()
     assert not (REPO / "twisted" / "plugins" / "__init__.py").exists()
+
+
+def test_readme_is_valid_restructuredtext():
+    import io
+
+    import pytest
+
+    docutils_core = pytest.importorskip("docutils.core")
+    errors = io.StringIO()
+    docutils_core.publish_doctree((REPO / "README.rst").read_text(),
+                                  settings_overrides={"warning_stream": errors,
+                                                      "report_level": 2})
+    assert errors.getvalue() == ""
