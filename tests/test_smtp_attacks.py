@@ -315,3 +315,13 @@ def test_overlong_command_line(relay):
         c.send(b"EHLO " + b"a" * 100_000 + b"\r\nNOOP\r\n")
         assert c.reply().lines == ["500 5.5.2 Line too long"]
         assert c.reply().lines == ["250 2.0.0 Ok"]
+
+
+@pytest.mark.parametrize("path", ["<\t>", "< >", "< a@example.com>", "<a@example.com >"])
+def test_whitespace_in_a_path_is_not_the_null_sender(relay, path):
+    """Found by the fuzzer: "<\\t>" used to be read as "<>"."""
+    with RawSMTP(relay.port) as c:
+        c.reply()
+        c.cmd("EHLO x")
+        r = c.cmd(f"MAIL FROM:{path}")
+        assert r.code == 501, r

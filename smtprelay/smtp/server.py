@@ -767,7 +767,8 @@ def _parse_path(rest, keyword):
         path, _, params_text = tail.partition(" ")
         if not path:
             return None  # the null path is written "<>"
-    path = path.strip()
+    if path != path.strip():
+        return None  # "<\t>" is not the null path "<>", nor is "< a@b.c>" an address
     if path.startswith("@"):
         # a source route <@a,@b:user@c>: RFC 5321 says ignore it
         _, colon, path = path.partition(":")
