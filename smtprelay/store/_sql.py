@@ -5,6 +5,11 @@ Each function here runs on a database thread with a DB-API connection and a
 locking).  The message's life is explicit in ``messages.status``; each
 function makes one transition.  Statements are written with ``?``
 placeholders; the PostgreSQL dialect turns them into ``%s``.
+
+Several instances may share one database (PostgreSQL): whatever must hold
+across them (one owner per message, per-mailbox concurrency, Retry-After,
+one migration at a time) is decided here, in the database, under the
+dialect's ``lock_claims`` and ``lock_schema``.
 """
 
 import base64
@@ -129,10 +134,22 @@ class Dialect:
     def from_blob(self, value):
         return bytes(value)
 
-    def lock_claims(self, conn):
-        """Serialise claims across instances (no-op where writes already are)."""
+    def is_broken(self, conn):
+        """True when ``conn`` is unusable (the server went away): the threads
+        then drop it and connect anew."""
+        return False
 
-    def for_update(self):
+    def lock_schema(self, conn):
+        """Serialise migrations across instances starting at once, until the
+        end of the caller's transaction (no-op where writes already are)."""
+
+    def lock_claims(self, conn):
+        """Serialise claims across instances until the end of the caller's
+        transaction (no-op where writes already are)."""
+
+    def for_update(self, skip_locked=False):
+        """Row locks for a SELECT that a write follows ("" where the write
+        transaction already excludes every other writer)."""
         return ""
 
 
@@ -153,22 +170,30 @@ def current_version(dialect, conn):
     return row[0] if row else 0
 
 
-def migrate(dialect, conn):
-    """Bring the schema to SCHEMA_VERSION inside the caller's transaction."""
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer relay than this one."""
+
+
+def migrate(dialect, conn, migrations=MIGRATIONS):
+    """Bring the schema to ``len(migrations)`` inside the caller's transaction
+    -> the version found.  Instances starting at once take turns
+    (``lock_schema``): the first migrates, the others find it done."""
+    target = len(migrations)
+    dialect.lock_schema(conn)
     dialect.execute(conn, "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     version = current_version(dialect, conn)
-    if version > SCHEMA_VERSION:
-        raise RuntimeError(
+    if version > target:
+        raise SchemaTooNew(
             f"the database schema is version {version}, newer than this relay knows "
-            f"({SCHEMA_VERSION}): upgrade the relay"
+            f"({target}): upgrade the relay"
         )
-    for n in range(version, SCHEMA_VERSION):
-        for statement in MIGRATIONS[n]:
+    for n in range(version, target):
+        for statement in migrations[n]:
             dialect.execute(conn, statement.format(blob=dialect.blob))
     if version == 0:
-        dialect.execute(conn, "INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-    elif version != SCHEMA_VERSION:
-        dialect.execute(conn, "UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        dialect.execute(conn, "INSERT INTO schema_version (version) VALUES (?)", (target,))
+    elif version != target:
+        dialect.execute(conn, "UPDATE schema_version SET version = ?", (target,))
     return version
 
 
@@ -272,7 +297,7 @@ def claim(dialect, conn, owner, now, limit, lease_until, concurrency):
             WHERE (status IN ('queued', 'deferred') AND next_attempt_at <= ?)
                OR (status = 'active' AND lease_until < ?)
             ORDER BY next_attempt_at, id
-            LIMIT ?{dialect.for_update()}""",
+            LIMIT ?{dialect.for_update(skip_locked=True)}""",
         (now, now, max(limit * 4, 64)),
     )
     chosen = []
@@ -721,14 +746,20 @@ def cancel(dialect, conn, message_id, now, detail):
     return status
 
 
-def instances(dialect, conn):
+def instances(dialect, conn, now):
+    """Every instance that used this database, newest first.  ``heartbeat_at``
+    moves at each lease renewal (a third of ``delivery.lease``): a "running"
+    instance whose heartbeat is older than the lease was killed without
+    stopping (its messages are taken over by the others when its leases expire)."""
     return [
         {"id": r[0], "hostname": r[1], "pid": r[2], "started_at": r[3],
-         "heartbeat_at": r[4], "state": r[5], "version": r[6]}
+         "heartbeat_at": r[4], "state": r[5], "version": r[6],
+         "uptime_seconds": max(0.0, (now if r[5] == "running" else r[4]) - r[3]),
+         "heartbeat_age_seconds": max(0.0, now - r[4])}
         for r in fetchall(
             dialect, conn,
             """SELECT id, hostname, pid, started_at, heartbeat_at, state, version
-               FROM instances ORDER BY started_at DESC""",
+               FROM instances ORDER BY started_at DESC, id""",
         )
     ]
 

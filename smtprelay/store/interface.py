@@ -10,7 +10,8 @@ from zope.interface import Attribute, Interface
 
 
 class StoreUnavailable(Exception):
-    """The database could not take the write (disk full, read-only, gone)."""
+    """The database could not take the write or answer the read (disk full,
+    read-only, connection lost, server gone); the caller may try again."""
 
 
 class IStore(Interface):
@@ -81,7 +82,9 @@ class IStore(Interface):
         before, or None; raises ValueError otherwise."""
 
     def instances(now):
-        """-> [dict] of instances and their heartbeats."""
+        """-> [dict] of every instance that used the database (all hosts), newest
+        first: id, hostname, pid, started_at, heartbeat_at, state ("running",
+        "stopped", "dead"), version, uptime_seconds, heartbeat_age_seconds."""
 
     def ping():
         """Fires when the database answers a trivial query."""
