@@ -280,8 +280,6 @@ class StoreTests:
         self.assertEqual(c.id, env.id)
 
     def _set_pid(self, store, instance_id, pid):
-        from smtprelay.store import _sql
-
         def run(conn):
             store.dialect.execute(conn, "UPDATE instances SET pid = ?, state = 'running' WHERE id = ?",
                                   (pid, instance_id))

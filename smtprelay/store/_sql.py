@@ -119,6 +119,10 @@ class Dialect:
     def begin_write(self, conn):
         self.execute(conn, "BEGIN")
 
+    def begin_read(self, conn):
+        """A read-only transaction that sees one snapshot throughout."""
+        self.execute(conn, "BEGIN")
+
     def commit(self, conn):
         conn.commit()
 
@@ -766,3 +770,103 @@ def instances(dialect, conn, now):
 
 def new_instance_id(hostname, pid):
     return f"{hostname}/{pid}/{os.urandom(4).hex()}"
+
+
+# ---------------------------------------------------------------------------
+# copying a whole store to another database (``smtprelay migrate-store``)
+
+_MESSAGE_COLUMNS = """id, status, sender, original_sender, mailbox, received_at, age_from,
+    finished_at, next_attempt_at, size, client_address, helo, auth_user, header_from, subject,
+    message_id, mode, attempts_count, error, provider_id, lease_owner, lease_until, received_by"""
+_RECIPIENT_COLUMNS = "message_id, position, address, status, detail"
+_ATTEMPT_COLUMNS = "message_id, at, outcome, detail, duration_ms, instance"
+
+
+def count_messages(dialect, conn):
+    return fetchone(dialect, conn, "SELECT COUNT(*) FROM messages")[0]
+
+
+def running_instances(dialect, conn):
+    """-> [(id, heartbeat_at)] of the instances that say they are running."""
+    return fetchall(dialect, conn,
+                    "SELECT id, heartbeat_at FROM instances WHERE state = 'running'")
+
+
+def _insert(dialect, conn, table, columns, rows):
+    if rows:
+        marks = ", ".join("?" * len(columns.split(",")))
+        dialect.executemany(conn, f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+
+
+def copy_store(src, src_conn, dst, dst_conn, page=500):
+    """Copy messages, recipients, bodies, attempts and mailbox blocks from one
+    store's database to another's, in the caller's transactions -> counts.
+
+    Messages are read by pages in id order and bodies one stored chunk at a
+    time, so memory holds one page of rows and one chunk, whatever the size
+    of the queue.  A message the destination already has (same id) is skipped
+    with everything that belongs to it.  A message active at the source (an
+    instance had it in hand) arrives released: due at once, unleased, as after
+    a restart.  Instances are not copied: they are processes of the source.
+    """
+    counts = {"messages": 0, "skipped": 0, "recipients": 0, "attempts": 0, "body_chunks": 0,
+              "body_bytes": 0, "mailboxes": 0}
+    after = ""
+    while True:
+        rows = fetchall(
+            src, src_conn,
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+            (after, page),
+        )
+        if not rows:
+            break
+        after = rows[-1][0]
+        ids = [r[0] for r in rows]
+        marks = ",".join("?" * len(ids))
+        there = {r[0] for r in fetchall(
+            dst, dst_conn, f"SELECT id FROM messages WHERE id IN ({marks})", tuple(ids))}
+        rows = [r for r in rows if r[0] not in there]
+        counts["skipped"] += len(there)
+        if not rows:
+            continue
+        ids = [r[0] for r in rows]
+        marks = ",".join("?" * len(ids))
+        released = []
+        for r in rows:
+            r = list(r)
+            if r[1] == str(Status.ACTIVE):
+                r[1] = str(Status.DEFERRED) if r[17] else str(Status.QUEUED)
+                r[20] = r[21] = None  # lease_owner, lease_until
+            released.append(tuple(r))
+        _insert(dst, dst_conn, "messages", _MESSAGE_COLUMNS, released)
+        for table, columns, key, counter in (
+                ("recipients", _RECIPIENT_COLUMNS, "position", "recipients"),
+                ("attempts", _ATTEMPT_COLUMNS, "at", "attempts")):
+            found = fetchall(
+                src, src_conn,
+                f"SELECT {columns} FROM {table} WHERE message_id IN ({marks}) "
+                f"ORDER BY message_id, {key}",
+                tuple(ids),
+            )
+            _insert(dst, dst_conn, table, columns, found)
+            counts[counter] += len(found)
+        for message_id in ids:
+            for (seq,) in fetchall(
+                    src, src_conn,
+                    "SELECT seq FROM bodies WHERE message_id = ? ORDER BY seq", (message_id,)):
+                (data,) = fetchone(
+                    src, src_conn,
+                    "SELECT data FROM bodies WHERE message_id = ? AND seq = ?", (message_id, seq))
+                data = src.from_blob(data)
+                dst.execute(dst_conn,
+                            "INSERT INTO bodies (message_id, seq, data) VALUES (?, ?, ?)",
+                            (message_id, seq, dst.to_blob(data)))
+                counts["body_chunks"] += 1
+                counts["body_bytes"] += len(data)
+                del data
+        counts["messages"] += len(ids)
+    for mailbox, not_before in fetchall(src, src_conn,
+                                        "SELECT mailbox, not_before FROM mailboxes"):
+        block_mailbox(dst, dst_conn, mailbox, not_before)
+        counts["mailboxes"] += 1
+    return counts

@@ -64,6 +64,9 @@ class PostgresDialect(Dialect):
     def begin_write(self, conn):
         conn.execute("BEGIN")
 
+    def begin_read(self, conn):
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
     def commit(self, conn):
         cur = conn.execute("COMMIT")
         if cur.statusmessage != "COMMIT":
