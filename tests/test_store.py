@@ -347,6 +347,21 @@ class StoreTests:
         self.assertEqual(c.id, env.id)
 
     @defer.inlineCallbacks
+    def test_only_the_leases_named_are_renewed(self):
+        other = yield self.other_instance()
+        kept, dropped = envelope(1), envelope(2)
+        for e in (kept, dropped):
+            yield self.store.accept(e, iter([b"b"]))
+        yield self.store.claim(NOW + 1, 10, NOW + 10, 4)
+        # the instance no longer has ``dropped`` in hand (its outcome was lost)
+        yield self.store.renew_leases(NOW + 8, NOW + 18, [kept.id])
+        [c] = yield other.claim(NOW + 12, 10, NOW + 40, 4)
+        self.assertEqual(c.id, dropped.id)
+        rows = {r["id"]: r for r in (yield self.store.instances(NOW + 12))}
+        self.assertEqual(rows[self.store.instance_id]["heartbeat_at"], NOW + 8)
+        yield self.store.renew_leases(NOW + 9, NOW + 19, [])  # a heartbeat only
+
+    @defer.inlineCallbacks
     def test_retry_after_and_concurrency_hold_across_instances(self):
         other = yield self.other_instance()
         for i in range(4):

@@ -140,9 +140,10 @@ class ThreadedSQLStore:
         return self._write(lambda c: _sql.finish(
             self.dialect, c, self.instance_id, message_id, transition))
 
-    def renew_leases(self, now, lease_until):
+    def renew_leases(self, now, lease_until, message_ids=None):
+        ids = None if message_ids is None else list(message_ids)
         return self._write(lambda c: _sql.renew_leases(
-            self.dialect, c, self.instance_id, now, lease_until))
+            self.dialect, c, self.instance_id, now, lease_until, ids))
 
     def release(self, message_ids, now):
         ids = list(message_ids)

@@ -414,12 +414,23 @@ def _write_recipient_results(dialect, conn, message_id, results):
         )
 
 
-def renew_leases(dialect, conn, owner, now, lease_until):
-    dialect.execute(
-        conn,
-        "UPDATE messages SET lease_until = ? WHERE lease_owner = ? AND status = 'active'",
-        (lease_until, owner),
-    )
+def renew_leases(dialect, conn, owner, now, lease_until, message_ids=None):
+    if message_ids is None:
+        dialect.execute(
+            conn,
+            "UPDATE messages SET lease_until = ? WHERE lease_owner = ? AND status = 'active'",
+            (lease_until, owner),
+        )
+    ids = list(message_ids or ())
+    for start in range(0, len(ids), 500):
+        part = ids[start:start + 500]
+        marks = ",".join("?" * len(part))
+        dialect.execute(
+            conn,
+            f"""UPDATE messages SET lease_until = ?
+                WHERE lease_owner = ? AND status = 'active' AND id IN ({marks})""",
+            (lease_until, owner, *part),
+        )
     dialect.execute(
         conn, "UPDATE instances SET heartbeat_at = ? WHERE id = ?", (now, owner)
     )

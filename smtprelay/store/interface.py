@@ -46,8 +46,10 @@ class IStore(Interface):
         """Write the outcome of an attempt and release the lease -> bool
         (False if this instance no longer held the lease)."""
 
-    def renew_leases(now, lease_until):
-        """Extend the leases of this instance's active messages; heartbeat."""
+    def renew_leases(now, lease_until, message_ids=None):
+        """Extend the leases of this instance's active messages (with
+        ``message_ids``, of those only: the ones still in hand, so that a
+        message whose outcome could not be recorded is let go); heartbeat."""
 
     def release(message_ids, now):
         """Give leases back (shutdown) so the messages are due at once."""
