@@ -437,9 +437,10 @@ class StoreTests:
     def test_stores_starting_at_once_on_a_new_database_migrate_it_once(self):
         make = self.new_database()
         stores = [make() for _ in range(6)]
-        yield defer.gatherResults([s.start(NOW) for s in stores])
         for s in stores:
             self.addCleanup(s.stop, NOW)
+        results = yield defer.DeferredList([s.start(NOW) for s in stores], consumeErrors=True)
+        self.assertEqual([f.getErrorMessage() for ok, f in results if not ok], [])
         self.assertEqual((yield self.read_schema_version(stores[0])), [(_sql.SCHEMA_VERSION,)])
         running = [r["id"] for r in (yield stores[0].instances(NOW)) if r["state"] == "running"]
         self.assertEqual(sorted(running), sorted(s.instance_id for s in stores))
