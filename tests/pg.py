@@ -76,13 +76,24 @@ class TempDatabase:
             cur = conn.execute(PostgresDialect().sql(sql), params)
             return cur.fetchall() if cur.description else []
 
+    def _admin(self, sql, params=()):
+        import psycopg
+
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
     def terminate(self, application_name_like="smtprelay %"):
         """End the server sessions of the store(s) on this database -> how many."""
-        rows = self.query(
+        return len(self._admin(
             """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-               WHERE datname = ? AND application_name LIKE ? AND pid <> pg_backend_pid()""",
-            (self.name, application_name_like))
-        return len(rows)
+               WHERE datname = %s AND application_name LIKE %s AND pid <> pg_backend_pid()""",
+            (self.name, application_name_like)))
+
+    def allow_connections(self, allowed):
+        """Open or close the database to new sessions (superusers included): with
+        ``terminate``, the server is gone as far as a relay can tell."""
+        self._admin(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS {str(bool(allowed)).lower()}')
 
     def drop(self):
         import psycopg

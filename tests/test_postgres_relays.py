@@ -11,6 +11,9 @@ hand may have been written twice: its answer was lost, as the contract
 allows), per-mailbox concurrency held over all instances throughout, and the
 statistics of the database count all of it.
 
+A relay whose database goes away answers 451 and takes messages again when it
+is back, without a restart.
+
 Skipped with the reason when no PostgreSQL answers (a failure under
 ``SMTPRELAY_REQUIRE_POSTGRES=1``).  ``SMTPRELAY_E2E_MESSAGES`` sets the
 number of messages (3000 by default).
@@ -316,3 +319,43 @@ def database_stats(db):
         return _sql.stats(postgres.PostgresDialect(), conn, time.time())
     finally:
         conn.close()
+
+
+def send(port, n):
+    mid = f"<gone{n}@e2e.test>"
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.sendmail("app0@example.com", ["r@example.org"],
+                      f"From: app0@example.com\r\nMessage-ID: {mid}\r\n\r\nbody\r\n".encode())
+    return mid
+
+
+def test_a_database_gone_away_is_451_then_the_relay_carries_on(database, tmp_path):
+    relay = RelayProcess(tmp_path / "relay", relay_config(database, tmp_path / "outbox"))
+    relay.start()
+    try:
+        first = send(relay.port, 1)
+        relay.wait_outbox(1)
+        database.allow_connections(False)
+        try:
+            assert database.terminate() >= 2  # the writer and the readers
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                send(relay.port, 2)
+            assert (info.value.smtp_code, info.value.smtp_error[:5]) == (451, b"4.3.0")
+        finally:
+            database.allow_connections(True)
+        # back: the next message is stored (the writer tries again within a second)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                third = send(relay.port, 3)
+                break
+            except smtplib.SMTPDataError as e:
+                assert e.smtp_code == 451 and time.monotonic() < deadline
+                time.sleep(0.2)
+        files = relay.wait_outbox(2)
+        assert sorted(outbox_message_ids(tmp_path / "outbox")) == sorted([first, third])
+        assert relay.query("SELECT message_id FROM messages ORDER BY id") == [(first,), (third,)]
+        assert "storing a message failed" in relay.log()
+        assert len(files) == 2
+    finally:
+        relay.stop()
