@@ -789,6 +789,7 @@ def new_instance_id(hostname, pid):
 _MESSAGE_COLUMNS = """id, status, sender, original_sender, mailbox, received_at, age_from,
     finished_at, next_attempt_at, size, client_address, helo, auth_user, header_from, subject,
     message_id, mode, attempts_count, error, provider_id, lease_owner, lease_until, received_by"""
+_MESSAGE_COLUMN_NAMES = [c.strip() for c in _MESSAGE_COLUMNS.split(",")]
 _RECIPIENT_COLUMNS = "message_id, position, address, status, detail"
 _ATTEMPT_COLUMNS = "message_id, at, outcome, detail, duration_ms, instance"
 
@@ -844,11 +845,11 @@ def copy_store(src, src_conn, dst, dst_conn, page=500):
         marks = ",".join("?" * len(ids))
         released = []
         for r in rows:
-            r = list(r)
-            if r[1] == str(Status.ACTIVE):
-                r[1] = str(Status.DEFERRED) if r[17] else str(Status.QUEUED)
-                r[20] = r[21] = None  # lease_owner, lease_until
-            released.append(tuple(r))
+            r = dict(zip(_MESSAGE_COLUMN_NAMES, r))
+            if r["status"] == str(Status.ACTIVE):
+                r["status"] = str(Status.DEFERRED if r["attempts_count"] else Status.QUEUED)
+                r["lease_owner"] = r["lease_until"] = None
+            released.append(tuple(r.values()))
         _insert(dst, dst_conn, "messages", _MESSAGE_COLUMNS, released)
         for table, columns, key, counter in (
                 ("recipients", _RECIPIENT_COLUMNS, "position", "recipients"),
