@@ -292,7 +292,12 @@ def test_three_relays_one_database_exactly_once_through_a_kill(database, tmp_pat
         # the dead relay, started again on this host, declares its old self dead
         old_id = victim.instance_id
         victim.start()
-        states = dict(database.query("SELECT id, state FROM instances"))
+        deadline = time.monotonic() + 15  # recover() runs as the queue starts, unawaited
+        while True:
+            states = dict(database.query("SELECT id, state FROM instances"))
+            if states[old_id] == "dead" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert states[old_id] == "dead"
         assert states[victim.instance_id] == "running"
         print(f"\n{MESSAGES} messages over {CLIENTS} clients to 3 relays: all accepted in "
