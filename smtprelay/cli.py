@@ -1,9 +1,12 @@
-"""The ``smtprelay`` console script: check-config, hash-password, version.
+"""The ``smtprelay`` console script: check-config, hash-password, migrate-store, version.
 
 ``smtprelay check-config PATH`` exits 0 when the configuration is usable and
 otherwise prints one line per problem (naming the key) and exits 2.
 ``smtprelay hash-password`` reads a password (twice from a terminal, once
 from a pipe) and prints the hash to paste into ``[smtp.auth] users``.
+``smtprelay migrate-store --from URL --to URL [--force]`` copies the queue
+and the delivery log between SQLite and PostgreSQL (``store/transfer.py``)
+and prints what it copied; it exits 1 with one line when it cannot.
 """
 
 import argparse
@@ -46,6 +49,21 @@ def _hash_password(args):
     return 0
 
 
+def _migrate_store(args):
+    from smtprelay.store import transfer
+
+    def warn(line):
+        print(line, file=sys.stderr)
+
+    try:
+        counts = transfer.transfer(args.source, args.destination, force=args.force, warn=warn)
+    except transfer.TransferError as e:
+        print(f"migrate-store: {e}", file=sys.stderr)
+        return 1
+    print(transfer.summary(counts, args.source, args.destination))
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="smtprelay", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"smtprelay {__version__}")
@@ -55,6 +73,19 @@ def main(argv=None):
     p.set_defaults(run=_check_config)
     p = sub.add_parser("hash-password", help="hash a password for [smtp.auth] users")
     p.set_defaults(run=_hash_password)
+    p = sub.add_parser(
+        "migrate-store", help="copy the queue and delivery log to another database",
+        description="Copy messages (envelopes, recipients, bodies), attempts and mailbox "
+                    "back-offs from one store to another, SQLite or PostgreSQL, in one "
+                    "transaction. Stop the relays on the source first.")
+    p.add_argument("--from", dest="source", required=True, metavar="URL",
+                   help='the store to copy: "sqlite:///path" or "postgresql://..."')
+    p.add_argument("--to", dest="destination", required=True, metavar="URL",
+                   help="the store to copy into (created or migrated as needed)")
+    p.add_argument("--force", action="store_true",
+                   help="copy into a store that already holds messages: those already "
+                        "there (same id) are skipped")
+    p.set_defaults(run=_migrate_store)
     args = parser.parse_args(argv)
     return args.run(args)
 

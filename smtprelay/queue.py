@@ -322,7 +322,9 @@ class QueueRunner(service.Service):
 
     def _renew(self):
         now = self.clock.seconds()
-        d = self.store.renew_leases(now, now + self.delivery.lease)
+        # only what is in hand: a message whose outcome could not be recorded
+        # (see _record) must reach the end of its lease to be attempted again
+        d = self.store.renew_leases(now, now + self.delivery.lease, list(self._in_flight))
         d.addErrback(lambda f: log.warn("lease renewal failed: {why}", why=f.getErrorMessage()))
         return d
 

@@ -65,6 +65,7 @@ class RelayProcess:
         self.proc = None
         self.smtp_ports = []
         self.admin_port = None
+        self.instance_id = None  # the store's instance id (lease owner), once ready
         self._log_offset = 0
 
     # -- life --------------------------------------------------------------------
@@ -98,6 +99,8 @@ class RelayProcess:
                 a = re.search(r"admin API on \S+:(\d+)", text)
                 if a:
                     self.admin_port = int(a.group(1))
+                i = re.search(r"ready: .*, instance (\S+)", text)
+                self.instance_id = i.group(1) if i else None
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{text}")
@@ -125,6 +128,13 @@ class RelayProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
         self._logf.close()
+
+    def freeze(self):
+        """SIGSTOP: the process holds whatever it holds, doing nothing."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self):
+        self.proc.send_signal(signal.SIGCONT)
 
     def restart(self, **kw):
         self.stop()
@@ -161,14 +171,33 @@ class RelayProcess:
         raise AssertionError(f"expected {count} outbox files, found {len(self.outbox_files())}\n"
                              f"{self.log()[-3000:]}")
 
+    @property
+    def database_url(self):
+        return self.config["database"]["url"]
+
+    @property
+    def on_postgres(self):
+        return self.database_url.startswith(("postgresql:", "postgres:"))
+
     def db(self):
-        url = self.config["database"]["url"]
-        conn = sqlite3.connect(url[len("sqlite:///"):], timeout=30)
-        return conn
+        """A connection to the relay's database (sqlite3 or psycopg, autocommit);
+        the caller closes it."""
+        if self.on_postgres:
+            import psycopg
+
+            return psycopg.connect(self.database_url, autocommit=True)
+        return sqlite3.connect(self.database_url[len("sqlite:///"):], timeout=30)
 
     def query(self, sql, params=()):
+        """The rows of ``sql``, written with ``?`` placeholders as the store's SQL
+        is, whichever database the relay uses."""
         conn = self.db()
         try:
+            if self.on_postgres:
+                from smtprelay.store.postgres import PostgresDialect
+
+                cur = conn.execute(PostgresDialect().sql(sql), params)
+                return cur.fetchall() if cur.description else []
             return conn.execute(sql, params).fetchall()
         finally:
             conn.close()

@@ -146,9 +146,14 @@ class QueueTests(unittest.TestCase):
                                                        mailbox_wide=True)])
         r = self.runner(provider, concurrency=1)
         a = yield self.accept(1, mailbox="m@x.org")
-        yield self.settle()
-        r.wake()
-        yield self.settle()
+        # a is due a millisecond after T0; its 429 must be recorded before the others
+        # arrive (with c due at the same poll, the two would race for the 429)
+        yield self.advance(1)
+        for _ in range(100):
+            if (yield self.status(a)) == "deferred":
+                break
+            yield self.settle(4)
+        self.assertEqual([call[1] for call in provider.calls], ["m@x.org"])
         b = yield self.accept(2, mailbox="m@x.org")
         c = yield self.accept(3, mailbox="other@x.org")
         r.wake()

@@ -1,17 +1,26 @@
-"""The store suite: every IStore implementation must pass it (SQLite here;
-PostgreSQL runs the same class with its own ``make_store``)."""
+"""The store suite: every IStore implementation must pass it.
+
+``StoreTests`` runs on SQLite (``SQLiteStoreTests``) and on PostgreSQL
+(``PostgresStoreTests``, on a database of its own per test; skipped when no
+server answers, a failure under ``SMTPRELAY_REQUIRE_POSTGRES=1``).  Several
+store objects on one database play several relay instances: claims, leases,
+Retry-After and migrations must hold between them on both backends.
+"""
 
 import os
+import random
 import tempfile
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from smtprelay.model import Attempt, Envelope, Result, Status, Transition, new_message_id
-from smtprelay.store import IStore, StoreUnavailable
+from smtprelay.store import IStore, StoreUnavailable, _sql
 from smtprelay.store._sql import DeliveryQuery
+from smtprelay.store.postgres import PostgresStore
 from smtprelay.store.sqlite import SQLiteStore
+from tests import pg
 
 NOW = 1_800_000_000.0
 LEASE = 300.0
@@ -271,8 +280,6 @@ class StoreTests:
         self.assertEqual(c.id, env.id)
 
     def _set_pid(self, store, instance_id, pid):
-        from smtprelay.store import _sql
-
         def run(conn):
             store.dialect.execute(conn, "UPDATE instances SET pid = ?, state = 'running' WHERE id = ?",
                                   (pid, instance_id))
@@ -284,12 +291,205 @@ class StoreTests:
         rows = yield self.store.instances(NOW)
         self.assertIn(self.store.instance_id, [r["id"] for r in rows])
 
+    # -- several instances on one database --------------------------------------------
+
+    @defer.inlineCallbacks
+    def other_instance(self, now=NOW):
+        """A second store on the same database: another relay instance."""
+        other = self.make_store()
+        yield other.start(now)
+        self.addCleanup(other.stop, now)
+        return other
+
+    @defer.inlineCallbacks
+    def test_instances_report_each_heartbeat_uptime_and_state(self):
+        other = yield self.other_instance(NOW + 5)
+        yield other.renew_leases(NOW + 50, NOW + 50 + LEASE)
+        rows = {r["id"]: r for r in (yield self.store.instances(NOW + 60))}
+        mine, theirs = rows[self.store.instance_id], rows[other.instance_id]
+        self.assertEqual((mine["state"], mine["started_at"], mine["heartbeat_at"]),
+                         ("running", NOW, NOW))
+        self.assertEqual((mine["uptime_seconds"], mine["heartbeat_age_seconds"]), (60, 60))
+        self.assertEqual((theirs["heartbeat_at"], theirs["heartbeat_age_seconds"]),
+                         (NOW + 50, 10))
+        self.assertEqual(theirs["uptime_seconds"], 55)
+        self.assertEqual(theirs["pid"], other.pid)
+        yield other.stop(NOW + 70)
+        rows = {r["id"]: r for r in (yield self.store.instances(NOW + 100))}
+        self.assertEqual(rows[other.instance_id]["state"], "stopped")
+        self.assertEqual(rows[other.instance_id]["uptime_seconds"], 65)
+
+    @defer.inlineCallbacks
+    def test_an_expired_lease_is_taken_over_by_another_instance(self):
+        other = yield self.other_instance()
+        env = envelope()
+        yield self.store.accept(env, iter([b"b"]))
+        [c] = yield self.store.claim(NOW + 1, 10, NOW + 10, 4)
+        # the owner stops renewing (killed); until the lease ends nobody else may send
+        self.assertEqual((yield other.claim(NOW + 9, 10, NOW + 40, 4)), [])
+        self.assertIsNone((yield other.claim_one(env.id, NOW + 9, NOW + 40)))
+        [taken] = yield other.claim(NOW + 11, 10, NOW + 40, 4)
+        self.assertEqual((taken.id, taken.attempts), (env.id, 0))
+        late = transition(Status.SENT, NOW + 12, {"a@x.org": (Result.SENT, "")})
+        self.assertFalse((yield self.store.finish(env.id, late)))
+        self.assertTrue((yield other.finish(env.id, late)))
+        self.assertEqual((yield self.store.delivery(env.id))["status"], "sent")
+
+    @defer.inlineCallbacks
+    def test_renewed_leases_are_not_taken_over(self):
+        other = yield self.other_instance()
+        env = envelope()
+        yield self.store.accept(env, iter([b"b"]))
+        yield self.store.claim(NOW + 1, 10, NOW + 10, 4)
+        yield self.store.renew_leases(NOW + 8, NOW + 18)
+        self.assertEqual((yield other.claim(NOW + 12, 10, NOW + 40, 4)), [])
+        [c] = yield other.claim(NOW + 19, 10, NOW + 40, 4)
+        self.assertEqual(c.id, env.id)
+
+    @defer.inlineCallbacks
+    def test_only_the_leases_named_are_renewed(self):
+        other = yield self.other_instance()
+        kept, dropped = envelope(1), envelope(2)
+        for e in (kept, dropped):
+            yield self.store.accept(e, iter([b"b"]))
+        yield self.store.claim(NOW + 1, 10, NOW + 10, 4)
+        # the instance no longer has ``dropped`` in hand (its outcome was lost)
+        yield self.store.renew_leases(NOW + 8, NOW + 18, [kept.id])
+        [c] = yield other.claim(NOW + 12, 10, NOW + 40, 4)
+        self.assertEqual(c.id, dropped.id)
+        rows = {r["id"]: r for r in (yield self.store.instances(NOW + 12))}
+        self.assertEqual(rows[self.store.instance_id]["heartbeat_at"], NOW + 8)
+        yield self.store.renew_leases(NOW + 9, NOW + 19, [])  # a heartbeat only
+
+    @defer.inlineCallbacks
+    def test_retry_after_and_concurrency_hold_across_instances(self):
+        other = yield self.other_instance()
+        for i in range(4):
+            yield self.store.accept(envelope(i, mailbox="m@x.org"), iter([b"b"]))
+            yield self.store.accept(envelope(10 + i, mailbox="slow@x.org"), iter([b"b"]))
+        # one instance is told to wait: the other one waits too
+        yield self.store.block_mailbox("slow@x.org", NOW + 100)
+        mine = yield self.store.claim(NOW + 1, 1, NOW + LEASE, 2)
+        theirs = yield other.claim(NOW + 1, 10, NOW + LEASE, 2)
+        self.assertEqual([c.mailbox for c in mine + theirs], ["m@x.org"] * 2)
+        # two in flight for m@x.org (one each): the limit of 2 is reached for both
+        self.assertEqual((yield other.claim(NOW + 2, 10, NOW + LEASE, 2)), [])
+        self.assertEqual((yield self.store.claim(NOW + 2, 10, NOW + LEASE, 2)), [])
+        yield self.store.finish(mine[0].id, transition(Status.SENT, NOW + 3, {}))
+        [next_one] = yield other.claim(NOW + 3, 10, NOW + LEASE, 2)
+        self.assertEqual(next_one.mailbox, "m@x.org")
+        # a shorter Retry-After never shortens a longer one
+        yield other.block_mailbox("slow@x.org", NOW + 50)
+        self.assertEqual((yield other.claim(NOW + 60, 10, NOW + LEASE, 2)), [])
+        later = yield self.store.claim(NOW + 101, 10, NOW + LEASE, 10)
+        self.assertEqual(sorted(c.mailbox for c in later), ["m@x.org"] + ["slow@x.org"] * 4)
+
+    @defer.inlineCallbacks
+    def test_instances_claiming_at_once_never_share_a_message(self):
+        """Three instances claim and finish 240 messages as fast as they can:
+        each message is claimed and finished once, and no mailbox ever has more
+        than ``concurrency`` messages in flight over all instances."""
+        stores = [self.store, (yield self.other_instance()), (yield self.other_instance())]
+        mailboxes = [f"m{i}@x.org" for i in range(5)]
+        envs = [envelope(i, mailbox=mailboxes[i % 5]) for i in range(240)]
+        yield defer.gatherResults([self.store.accept(e, iter([b"b"])) for e in envs])
+        concurrency = 3
+        claimed, finished, held = [], [], {m: 0 for m in mailboxes}
+        rng = random.Random(7)
+
+        @defer.inlineCallbacks
+        def run(store):
+            idle = 0
+            while idle < 3:
+                now = NOW + 1
+                claims = yield store.claim(now, rng.randint(1, 8), now + LEASE, concurrency)
+                idle = 0 if claims else idle + 1
+                for c in claims:
+                    claimed.append(c.id)
+                    held[c.mailbox] += 1
+                    self.assertLessEqual(held[c.mailbox], concurrency, c.mailbox)
+                # finish in a random order, in parallel; the count drops first (so
+                # it never overstates what the database holds)
+                rng.shuffle(claims)
+                done = []
+                for c in claims:
+                    held[c.mailbox] -= 1
+                    done.append(store.finish(c.id, transition(Status.SENT, now, {})))
+                results = yield defer.gatherResults(done)
+                self.assertTrue(all(results))
+                finished.extend(c.id for c in claims)
+                if not claims:
+                    yield threads.deferToThread(lambda: None)
+
+        yield defer.gatherResults([run(s) for s in stores for _ in range(2)])
+        self.assertEqual(sorted(claimed), sorted(e.id for e in envs))
+        self.assertEqual(sorted(finished), sorted(e.id for e in envs))
+        stats = yield stores[2].stats(NOW + 2)
+        self.assertEqual((stats["sent"], stats["active"], stats["queued"]), (240, 0, 0))
+
+    # -- schema ------------------------------------------------------------------------
+
+    def read_schema_version(self, store):
+        return store._read(lambda c: _sql.fetchall(
+            store.dialect, c, "SELECT version FROM schema_version"))
+
+    @defer.inlineCallbacks
+    def test_stores_starting_at_once_on_a_new_database_migrate_it_once(self):
+        make = self.new_database()
+        stores = [make() for _ in range(6)]
+        for s in stores:
+            self.addCleanup(s.stop, NOW)
+        results = yield defer.DeferredList([s.start(NOW) for s in stores], consumeErrors=True)
+        self.assertEqual([f.getErrorMessage() for ok, f in results if not ok], [])
+        self.assertEqual((yield self.read_schema_version(stores[0])), [(_sql.SCHEMA_VERSION,)])
+        running = [r["id"] for r in (yield stores[0].instances(NOW)) if r["state"] == "running"]
+        self.assertEqual(sorted(running), sorted(s.instance_id for s in stores))
+        yield defer.gatherResults([s.accept(envelope(i), iter([b"b"]))
+                                   for i, s in enumerate(stores)])
+        self.assertEqual((yield stores[-1].stats(NOW))["received"], 6)
+
+    @defer.inlineCallbacks
+    def test_a_database_one_version_behind_is_migrated_keeping_its_rows(self):
+        env = envelope()
+        yield self.store.accept(env, iter([b"kept"]))
+        newer = list(_sql.MIGRATIONS) + [[
+            "ALTER TABLE messages ADD COLUMN note TEXT",
+            "CREATE TABLE notes (message_id TEXT NOT NULL, data {blob})",
+        ]]
+        found = yield self.store._write(lambda c: _sql.migrate(self.store.dialect, c, newer))
+        self.assertEqual(found, len(newer) - 1)
+        self.assertEqual((yield self.read_schema_version(self.store)), [(len(newer),)])
+        yield self.store._write(lambda c: self.store.dialect.execute(
+            c, "INSERT INTO notes (message_id, data) VALUES (?, ?)",
+            (env.id, self.store.dialect.to_blob(b"\x00\xff"))))
+        rows = yield self.store._read(lambda c: _sql.fetchall(
+            self.store.dialect, c, "SELECT note FROM messages WHERE id = ?", (env.id,)))
+        self.assertEqual(rows, [(None,)])
+        f = yield self.store.read_body(env.id)
+        self.assertEqual(f.read(), b"kept")
+        # migrating again changes nothing
+        again = yield self.store._write(lambda c: _sql.migrate(self.store.dialect, c, newer))
+        self.assertEqual(again, len(newer))
+
+    @defer.inlineCallbacks
+    def test_a_schema_newer_than_the_relay_stops_start_up(self):
+        yield self.store._write(lambda c: self.store.dialect.execute(
+            c, "UPDATE schema_version SET version = ?", (_sql.SCHEMA_VERSION + 1,)))
+        late = self.make_store()
+        with self.assertRaises(_sql.SchemaTooNew) as info:
+            yield late.start(NOW)
+        self.assertIn("upgrade the relay", str(info.exception))
+
 
 class SQLiteStoreTests(StoreTests, unittest.TestCase):
     def make_store(self):
         if not hasattr(self, "_path"):
             self._path = os.path.join(tempfile.mkdtemp(), "relay.db")
         return SQLiteStore(self._path, reactor, provider_type="outbox")
+
+    def new_database(self):
+        path = os.path.join(tempfile.mkdtemp(), "fresh.db")
+        return lambda: SQLiteStore(path, reactor, provider_type="outbox")
 
     @defer.inlineCallbacks
     def test_full_disk_gives_store_unavailable_then_recovers(self):
@@ -310,3 +510,89 @@ class SQLiteStoreTests(StoreTests, unittest.TestCase):
         yield self.store.accept(env, iter([b"now it fits"]))
         f = yield self.store.read_body(env.id)
         self.assertEqual(f.read(), b"now it fits")
+
+
+class PostgresStoreTests(StoreTests, unittest.TestCase):
+    """The same suite on PostgreSQL, each test on a database of its own."""
+
+    def setUp(self):
+        def skip(reason):
+            raise unittest.SkipTest(reason)
+
+        pg.require_postgres(skip, self.fail)
+        return super().setUp()
+
+    def _database(self):
+        db = pg.TempDatabase()
+        self.addCleanup(db.drop)
+        return db
+
+    def make_store(self):
+        if not hasattr(self, "_db"):
+            self._db = self._database()
+        return PostgresStore(self._db.url, reactor, provider_type="outbox")
+
+    def new_database(self):
+        db = self._database()
+        return lambda: PostgresStore(db.url, reactor, provider_type="outbox")
+
+    # -- what only a server can do: go away ------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_a_connection_lost_mid_accept_is_a_451_and_the_writer_reconnects(self):
+        env = envelope()
+        writer_pid = self.store._writer._conn.info.backend_pid
+        ended = []
+
+        def body():
+            yield os.urandom(100_000)
+            # the server ends the writer's session while the message is half stored
+            ended.append(self._db.query("SELECT pg_terminate_backend(?)", (writer_pid,)))
+            yield os.urandom(100_000)
+
+        with self.assertRaises(StoreUnavailable) as info:
+            yield self.store.accept(env, body())
+        self.assertEqual(ended, [[(True,)]])
+        self.assertIn("terminating connection", str(info.exception))
+        # nothing half-stored, and the next message is stored on a new connection
+        self.assertIsNone((yield self.store.delivery(env.id)))
+        yield self.store.accept(env, iter([b"second try"]))
+        f = yield self.store.read_body(env.id)
+        self.assertEqual(f.read(), b"second try")
+        self.assertEqual(self.store._writer.reconnects, 1)
+        self.assertNotEqual(self.store._writer._conn.info.backend_pid, writer_pid)
+
+    @defer.inlineCallbacks
+    def test_sessions_ended_while_idle_are_replaced_unnoticed(self):
+        env = envelope()
+        yield self.store.accept(env, iter([b"b"]))
+        yield self.store.stats(NOW)
+        ended = yield threads.deferToThread(self._db.terminate)
+        self.assertGreaterEqual(ended, 2)  # the writer and a reader at least
+        # a failover or a restart of the server between two messages costs nothing
+        yield self.store.accept(envelope(1), iter([b"b"]))
+        self.assertEqual((yield self.store.stats(NOW))["received"], 2)
+        [c] = yield self.store.claim(NOW + 1, 1, NOW + LEASE, 4)
+        f = yield self.store.read_body(c.id)
+        self.assertEqual(f.read(), b"b")
+
+    @defer.inlineCallbacks
+    def test_a_server_that_is_gone_is_store_unavailable_until_it_is_back(self):
+        yield self.store.accept(envelope(), iter([b"b"]))
+        url = self.store.url
+        # the server goes away (a port where nothing listens) and its sessions end
+        self.store.url = pg.url_for(url, host="127.0.0.1", port=1, connect_timeout=2)
+        yield threads.deferToThread(self._db.terminate)
+        for n in range(3):
+            with self.assertRaises(StoreUnavailable):
+                yield self.store.accept(envelope(10 + n), iter([b"b"]))
+        with self.assertRaises(StoreUnavailable):
+            yield self.store.stats(NOW)
+        with self.assertRaises(StoreUnavailable):
+            yield self.store.ping()
+        # the server is back: writes and reads work again without a restart
+        self.store.url = url
+        self.store._writer._connect_after = 0  # no need to wait for the next attempt
+        yield self.store.accept(envelope(20), iter([b"b"]))
+        yield self.store.ping()
+        self.assertEqual((yield self.store.stats(NOW))["received"], 2)

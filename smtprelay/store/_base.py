@@ -61,13 +61,16 @@ class ThreadedSQLStore:
         return d
 
     def _read(self, fn):
-        return self._readers.run(fn)
+        d = self._readers.run(fn)
+        d.addErrback(self._unavailable)
+        return d
 
     @staticmethod
     def _unavailable(failure):
-        if failure.check(StoreUnavailable, KeyError, ValueError):
+        if failure.check(StoreUnavailable, KeyError, ValueError, _sql.SchemaTooNew):
             return failure
-        # the database refused the write: the caller answers 451 and stores nothing
+        # the database refused the write (or could not answer): the caller
+        # answers 451 and stores nothing
         raise StoreUnavailable(f"{failure.type.__name__}: {failure.getErrorMessage()}")
 
     # -- lifecycle --------------------------------------------------------------
@@ -78,13 +81,25 @@ class ThreadedSQLStore:
 
         yield deferToThread(self.prepare)
         self._writer = Writer(self._reactor, self.connect, self.dialect)
-        yield self._writer.start()
-        self._readers = Readers(self._reactor, self.connect, size=self.readers)
+        try:
+            yield self._writer.start()
+        except BaseException:
+            self._writer = None
+            raise
+        self._readers = Readers(self._reactor, self.connect, size=self.readers,
+                                dialect=self.dialect)
         self._readers.start()
         d = self.dialect
-        yield self._write(lambda c: self.migrate_schema(c))
-        yield self._write(lambda c: _sql.register_instance(
-            d, c, self.instance_id, self.hostname, self.pid, now, __version__))
+        try:
+            # several instances starting at once take turns here (lock_schema)
+            yield self._write(lambda c: self.migrate_schema(c))
+            yield self._write(lambda c: _sql.register_instance(
+                d, c, self.instance_id, self.hostname, self.pid, now, __version__))
+        except BaseException:
+            yield self._writer.stop()
+            self._readers.stop()
+            self._writer = None
+            raise
 
     @defer.inlineCallbacks
     def stop(self, now):
@@ -125,9 +140,10 @@ class ThreadedSQLStore:
         return self._write(lambda c: _sql.finish(
             self.dialect, c, self.instance_id, message_id, transition))
 
-    def renew_leases(self, now, lease_until):
+    def renew_leases(self, now, lease_until, message_ids=None):
+        ids = None if message_ids is None else list(message_ids)
         return self._write(lambda c: _sql.renew_leases(
-            self.dialect, c, self.instance_id, now, lease_until))
+            self.dialect, c, self.instance_id, now, lease_until, ids))
 
     def release(self, message_ids, now):
         ids = list(message_ids)
@@ -164,7 +180,7 @@ class ThreadedSQLStore:
         return self._write(lambda c: _sql.cancel(self.dialect, c, message_id, now, detail))
 
     def instances(self, now):
-        return self._read(lambda c: _sql.instances(self.dialect, c))
+        return self._read(lambda c: _sql.instances(self.dialect, c, now))
 
     def ping(self):
         return self._read(lambda c: _sql.fetchone(self.dialect, c, "SELECT 1"))

@@ -5,6 +5,11 @@ Each function here runs on a database thread with a DB-API connection and a
 locking).  The message's life is explicit in ``messages.status``; each
 function makes one transition.  Statements are written with ``?``
 placeholders; the PostgreSQL dialect turns them into ``%s``.
+
+Several instances may share one database (PostgreSQL): whatever must hold
+across them (one owner per message, per-mailbox concurrency, Retry-After,
+one migration at a time) is decided here, in the database, under the
+dialect's ``lock_claims`` and ``lock_schema``.
 """
 
 import base64
@@ -114,6 +119,10 @@ class Dialect:
     def begin_write(self, conn):
         self.execute(conn, "BEGIN")
 
+    def begin_read(self, conn):
+        """A read-only transaction that sees one snapshot throughout."""
+        self.execute(conn, "BEGIN")
+
     def commit(self, conn):
         conn.commit()
 
@@ -129,10 +138,22 @@ class Dialect:
     def from_blob(self, value):
         return bytes(value)
 
-    def lock_claims(self, conn):
-        """Serialise claims across instances (no-op where writes already are)."""
+    def is_broken(self, conn):
+        """True when ``conn`` is unusable (the server went away): the threads
+        then drop it and connect anew."""
+        return False
 
-    def for_update(self):
+    def lock_schema(self, conn):
+        """Serialise migrations across instances starting at once, until the
+        end of the caller's transaction (no-op where writes already are)."""
+
+    def lock_claims(self, conn):
+        """Serialise claims across instances until the end of the caller's
+        transaction (no-op where writes already are)."""
+
+    def for_update(self, skip_locked=False):
+        """Row locks for a SELECT that a write follows ("" where the write
+        transaction already excludes every other writer)."""
         return ""
 
 
@@ -153,22 +174,30 @@ def current_version(dialect, conn):
     return row[0] if row else 0
 
 
-def migrate(dialect, conn):
-    """Bring the schema to SCHEMA_VERSION inside the caller's transaction."""
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer relay than this one."""
+
+
+def migrate(dialect, conn, migrations=MIGRATIONS):
+    """Bring the schema to ``len(migrations)`` inside the caller's transaction
+    -> the version found.  Instances starting at once take turns
+    (``lock_schema``): the first migrates, the others find it done."""
+    target = len(migrations)
+    dialect.lock_schema(conn)
     dialect.execute(conn, "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     version = current_version(dialect, conn)
-    if version > SCHEMA_VERSION:
-        raise RuntimeError(
+    if version > target:
+        raise SchemaTooNew(
             f"the database schema is version {version}, newer than this relay knows "
-            f"({SCHEMA_VERSION}): upgrade the relay"
+            f"({target}): upgrade the relay"
         )
-    for n in range(version, SCHEMA_VERSION):
-        for statement in MIGRATIONS[n]:
+    for n in range(version, target):
+        for statement in migrations[n]:
             dialect.execute(conn, statement.format(blob=dialect.blob))
     if version == 0:
-        dialect.execute(conn, "INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-    elif version != SCHEMA_VERSION:
-        dialect.execute(conn, "UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        dialect.execute(conn, "INSERT INTO schema_version (version) VALUES (?)", (target,))
+    elif version != target:
+        dialect.execute(conn, "UPDATE schema_version SET version = ?", (target,))
     return version
 
 
@@ -272,7 +301,7 @@ def claim(dialect, conn, owner, now, limit, lease_until, concurrency):
             WHERE (status IN ('queued', 'deferred') AND next_attempt_at <= ?)
                OR (status = 'active' AND lease_until < ?)
             ORDER BY next_attempt_at, id
-            LIMIT ?{dialect.for_update()}""",
+            LIMIT ?{dialect.for_update(skip_locked=True)}""",
         (now, now, max(limit * 4, 64)),
     )
     chosen = []
@@ -385,12 +414,23 @@ def _write_recipient_results(dialect, conn, message_id, results):
         )
 
 
-def renew_leases(dialect, conn, owner, now, lease_until):
-    dialect.execute(
-        conn,
-        "UPDATE messages SET lease_until = ? WHERE lease_owner = ? AND status = 'active'",
-        (lease_until, owner),
-    )
+def renew_leases(dialect, conn, owner, now, lease_until, message_ids=None):
+    if message_ids is None:
+        dialect.execute(
+            conn,
+            "UPDATE messages SET lease_until = ? WHERE lease_owner = ? AND status = 'active'",
+            (lease_until, owner),
+        )
+    ids = list(message_ids or ())
+    for start in range(0, len(ids), 500):
+        part = ids[start:start + 500]
+        marks = ",".join("?" * len(part))
+        dialect.execute(
+            conn,
+            f"""UPDATE messages SET lease_until = ?
+                WHERE lease_owner = ? AND status = 'active' AND id IN ({marks})""",
+            (lease_until, owner, *part),
+        )
     dialect.execute(
         conn, "UPDATE instances SET heartbeat_at = ? WHERE id = ?", (now, owner)
     )
@@ -721,17 +761,124 @@ def cancel(dialect, conn, message_id, now, detail):
     return status
 
 
-def instances(dialect, conn):
+def instances(dialect, conn, now):
+    """Every instance that used this database, newest first.  ``heartbeat_at``
+    moves at each lease renewal (a third of ``delivery.lease``): a "running"
+    instance whose heartbeat is older than the lease was killed without
+    stopping (its messages are taken over by the others when its leases expire)."""
     return [
         {"id": r[0], "hostname": r[1], "pid": r[2], "started_at": r[3],
-         "heartbeat_at": r[4], "state": r[5], "version": r[6]}
+         "heartbeat_at": r[4], "state": r[5], "version": r[6],
+         "uptime_seconds": max(0.0, (now if r[5] == "running" else r[4]) - r[3]),
+         "heartbeat_age_seconds": max(0.0, now - r[4])}
         for r in fetchall(
             dialect, conn,
             """SELECT id, hostname, pid, started_at, heartbeat_at, state, version
-               FROM instances ORDER BY started_at DESC""",
+               FROM instances ORDER BY started_at DESC, id""",
         )
     ]
 
 
 def new_instance_id(hostname, pid):
     return f"{hostname}/{pid}/{os.urandom(4).hex()}"
+
+
+# ---------------------------------------------------------------------------
+# copying a whole store to another database (``smtprelay migrate-store``)
+
+_MESSAGE_COLUMNS = """id, status, sender, original_sender, mailbox, received_at, age_from,
+    finished_at, next_attempt_at, size, client_address, helo, auth_user, header_from, subject,
+    message_id, mode, attempts_count, error, provider_id, lease_owner, lease_until, received_by"""
+_MESSAGE_COLUMN_NAMES = [c.strip() for c in _MESSAGE_COLUMNS.split(",")]
+_RECIPIENT_COLUMNS = "message_id, position, address, status, detail"
+_ATTEMPT_COLUMNS = "message_id, at, outcome, detail, duration_ms, instance"
+
+
+def count_messages(dialect, conn):
+    return fetchone(dialect, conn, "SELECT COUNT(*) FROM messages")[0]
+
+
+def running_instances(dialect, conn):
+    """-> [(id, heartbeat_at)] of the instances that say they are running."""
+    return fetchall(dialect, conn,
+                    "SELECT id, heartbeat_at FROM instances WHERE state = 'running'")
+
+
+def _insert(dialect, conn, table, columns, rows):
+    if rows:
+        marks = ", ".join("?" * len(columns.split(",")))
+        dialect.executemany(conn, f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+
+
+def copy_store(src, src_conn, dst, dst_conn, page=500):
+    """Copy messages, recipients, bodies, attempts and mailbox blocks from one
+    store's database to another's, in the caller's transactions -> counts.
+
+    Messages are read by pages in id order and bodies one stored chunk at a
+    time, so memory holds one page of rows and one chunk, whatever the size
+    of the queue.  A message the destination already has (same id) is skipped
+    with everything that belongs to it.  A message active at the source (an
+    instance had it in hand) arrives released: due at once, unleased, as after
+    a restart.  Instances are not copied: they are processes of the source.
+    """
+    counts = {"messages": 0, "skipped": 0, "recipients": 0, "attempts": 0, "body_chunks": 0,
+              "body_bytes": 0, "mailboxes": 0}
+    after = ""
+    while True:
+        rows = fetchall(
+            src, src_conn,
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+            (after, page),
+        )
+        if not rows:
+            break
+        after = rows[-1][0]
+        ids = [r[0] for r in rows]
+        marks = ",".join("?" * len(ids))
+        there = {r[0] for r in fetchall(
+            dst, dst_conn, f"SELECT id FROM messages WHERE id IN ({marks})", tuple(ids))}
+        rows = [r for r in rows if r[0] not in there]
+        counts["skipped"] += len(there)
+        if not rows:
+            continue
+        ids = [r[0] for r in rows]
+        marks = ",".join("?" * len(ids))
+        released = []
+        for r in rows:
+            r = dict(zip(_MESSAGE_COLUMN_NAMES, r))
+            if r["status"] == str(Status.ACTIVE):
+                r["status"] = str(Status.DEFERRED if r["attempts_count"] else Status.QUEUED)
+                r["lease_owner"] = r["lease_until"] = None
+            released.append(tuple(r.values()))
+        _insert(dst, dst_conn, "messages", _MESSAGE_COLUMNS, released)
+        for table, columns, key, counter in (
+                ("recipients", _RECIPIENT_COLUMNS, "position", "recipients"),
+                ("attempts", _ATTEMPT_COLUMNS, "at", "attempts")):
+            found = fetchall(
+                src, src_conn,
+                f"SELECT {columns} FROM {table} WHERE message_id IN ({marks}) "
+                f"ORDER BY message_id, {key}",
+                tuple(ids),
+            )
+            _insert(dst, dst_conn, table, columns, found)
+            counts[counter] += len(found)
+        for message_id in ids:
+            for (seq,) in fetchall(
+                    src, src_conn,
+                    "SELECT seq FROM bodies WHERE message_id = ? ORDER BY seq", (message_id,)):
+                (data,) = fetchone(
+                    src, src_conn,
+                    "SELECT data FROM bodies WHERE message_id = ? AND seq = ?", (message_id, seq))
+                data = src.from_blob(data)
+                dst.execute(dst_conn,
+                            "INSERT INTO bodies (message_id, seq, data) VALUES (?, ?, ?)",
+                            (message_id, seq, dst.to_blob(data)))
+                counts["body_chunks"] += 1
+                counts["body_bytes"] += len(data)
+                del data
+        counts["messages"] += len(ids)
+    for mailbox, not_before in fetchall(src, src_conn,
+                                        "SELECT mailbox, not_before FROM mailboxes"):
+        block_mailbox(dst, dst_conn, mailbox, not_before)
+        counts["mailboxes"] += 1
+    return counts

@@ -6,10 +6,18 @@ takes all writes queued at that moment, runs each inside its own savepoint,
 and commits them together: one fsync for many messages from many sessions
 (group commit), while a failing write rolls back only itself.  Results are
 delivered on the reactor thread only after the commit returned.
+
+A connection the dialect calls broken (a database server restarted, failed
+over, or ended the session) is dropped and a new one opened: the writer
+retries a batch whose BEGIN found the connection dead (nothing of it was
+sent yet), but a batch that lost its connection later fails as a whole, as
+its callers must hear (a 451 for an accept), and the next batch reconnects.
+Readers retry a read once on a new connection (reads change nothing).
 """
 
 import queue
 import threading
+import time
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -21,17 +29,23 @@ _STOP = object()
 class Writer:
     """The one thread that writes; ``submit(fn)`` -> Deferred fired after commit."""
 
-    def __init__(self, reactor, connect, dialect, name="smtprelay-db-writer", max_batch=256):
+    def __init__(self, reactor, connect, dialect, name="smtprelay-db-writer", max_batch=256,
+                 reconnect_delay=1.0):
         self._reactor = reactor
         self._connect = connect
         self._dialect = dialect
         self._queue = queue.SimpleQueue()
         self._max_batch = max_batch
+        self._reconnect_delay = reconnect_delay
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopped = defer.Deferred()
         self._started = defer.Deferred()
+        self._conn = None
+        self._connect_error = None  # why the last connection attempt failed
+        self._connect_after = 0.0  # monotonic time before which no new attempt is made
         self.batches = 0
         self.ops = 0
+        self.reconnects = 0
 
     def start(self):
         self._thread.start()
@@ -54,7 +68,8 @@ class Writer:
 
     def _run(self):
         try:
-            conn = self._connect()
+            # the first connection must work: a wrong URL ends start-up, clearly
+            self._conn = self._connect()
         except BaseException:
             f = Failure()
             self._reactor.callFromThread(self._started.errback, f)
@@ -77,21 +92,65 @@ class Writer:
                     else:
                         ops.append((fn, d))
                 if ops:
-                    self._run_batch(conn, ops)
+                    self._run_batch(ops)
         finally:
+            self._drop()
+            self._reactor.callFromThread(self._stopped.callback, None)
+
+    # -- the connection -------------------------------------------------------------
+
+    def _open(self):
+        """The connection, opening a new one after a loss (at most one attempt
+        per ``reconnect_delay``, so that a database that is down fails the
+        writes queued meanwhile at once instead of each waiting for a timeout)."""
+        if self._conn is not None:
+            return self._conn
+        if time.monotonic() < self._connect_after and self._connect_error is not None:
+            raise self._connect_error
+        try:
+            self._conn = self._connect()
+        except Exception as e:
+            self._connect_error = e
+            self._connect_after = time.monotonic() + self._reconnect_delay
+            raise
+        self._connect_error = None
+        self.reconnects += 1
+        return self._conn
+
+    def _drop(self):
+        conn, self._conn = self._conn, None
+        if conn is not None:
             try:
                 conn.close()
             except Exception:
                 pass
-            self._reactor.callFromThread(self._stopped.callback, None)
 
-    def _run_batch(self, conn, ops):
+    def _begin(self):
         dialect = self._dialect
+        conn = self._open()
         try:
             dialect.begin_write(conn)
         except BaseException:
+            if not dialect.is_broken(conn):
+                raise
+            # the connection died while idle (a server restart, a failover, an
+            # administrator ending the session): nothing of this batch was sent
+            # on it, so one more try on a new connection is safe
+            self._drop()
+            conn = self._open()
+            dialect.begin_write(conn)
+        return conn
+
+    # -- one batch ----------------------------------------------------------------------
+
+    def _run_batch(self, ops):
+        dialect = self._dialect
+        try:
+            conn = self._begin()
+        except BaseException:
             f = Failure()
-            self._reset(conn)
+            if self._conn is not None:
+                self._reset(self._conn)
             self._deliver([(d, False, f) for _, d in ops])
             return
         results = []
@@ -137,6 +196,9 @@ class Writer:
             self._dialect.rollback(conn)
         except BaseException:
             pass
+        if self._dialect.is_broken(conn):
+            # the next batch connects anew
+            self._drop()
 
     def _deliver(self, results):
         for d, ok, value in results:
@@ -146,9 +208,10 @@ class Writer:
 class Readers:
     """A few threads, each with its own connection, for read-only queries."""
 
-    def __init__(self, reactor, connect, size=2, name="smtprelay-db-reader"):
+    def __init__(self, reactor, connect, size=2, name="smtprelay-db-reader", dialect=None):
         self._reactor = reactor
         self._connect = connect
+        self._dialect = dialect
         self._pool = ThreadPool(minthreads=1, maxthreads=size, name=name)
         self._local = threading.local()
         self._conns = []
@@ -166,23 +229,39 @@ class Readers:
                 self._conns.append(conn)
         return conn
 
-    def _call(self, fn):
-        conn = self._conn()
+    def _discard(self, conn):
+        self._local.conn = None
+        with self._lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
         try:
-            return fn(conn)
-        except BaseException:
-            # a broken connection is not kept for the next query
-            self._local.conn = None
+            conn.close()
+        except Exception:
+            pass
+
+    def _broken(self, conn):
+        # without a dialect to ask, any failure may have broken the connection
+        return True if self._dialect is None else self._dialect.is_broken(conn)
+
+    def _call(self, fn):
+        for retry in (True, False):
+            conn = self._conn()
             try:
-                conn.close()
-            except Exception:
-                pass
-            raise
-        finally:
-            try:
-                conn.rollback()
-            except Exception:
-                pass
+                return fn(conn)
+            except BaseException:
+                if not self._broken(conn):
+                    raise
+                # not kept for the next query; a read changes nothing, so it
+                # runs once more on a new connection (a server restart, a
+                # failover or an ended session costs the caller nothing)
+                self._discard(conn)
+                if not retry:
+                    raise
+            finally:
+                try:
+                    conn.rollback()
+                except Exception:
+                    pass
 
     def run(self, fn):
         from twisted.internet.threads import deferToThreadPool

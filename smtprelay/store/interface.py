@@ -10,7 +10,8 @@ from zope.interface import Attribute, Interface
 
 
 class StoreUnavailable(Exception):
-    """The database could not take the write (disk full, read-only, gone)."""
+    """The database could not take the write or answer the read (disk full,
+    read-only, connection lost, server gone); the caller may try again."""
 
 
 class IStore(Interface):
@@ -45,8 +46,10 @@ class IStore(Interface):
         """Write the outcome of an attempt and release the lease -> bool
         (False if this instance no longer held the lease)."""
 
-    def renew_leases(now, lease_until):
-        """Extend the leases of this instance's active messages; heartbeat."""
+    def renew_leases(now, lease_until, message_ids=None):
+        """Extend the leases of this instance's active messages (with
+        ``message_ids``, of those only: the ones still in hand, so that a
+        message whose outcome could not be recorded is let go); heartbeat."""
 
     def release(message_ids, now):
         """Give leases back (shutdown) so the messages are due at once."""
@@ -81,7 +84,9 @@ class IStore(Interface):
         before, or None; raises ValueError otherwise."""
 
     def instances(now):
-        """-> [dict] of instances and their heartbeats."""
+        """-> [dict] of every instance that used the database (all hosts), newest
+        first: id, hostname, pid, started_at, heartbeat_at, state ("running",
+        "stopped", "dead"), version, uptime_seconds, heartbeat_age_seconds."""
 
     def ping():
         """Fires when the database answers a trivial query."""

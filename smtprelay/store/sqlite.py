@@ -1,7 +1,10 @@
 """The SQLite store: WAL, synchronous=FULL, one writer thread with group commit.
 
 A 250 is sent only after the commit that holds the message returned, and with
-``synchronous=FULL`` in WAL mode that commit has been fsynced.
+``synchronous=FULL`` in WAL mode that commit has been fsynced.  Every write
+transaction starts with ``BEGIN IMMEDIATE``, which takes the database's one
+write lock: claims, and migrations of several stores opening one file at
+once, are serialised by it without any further locking.
 """
 
 import os
@@ -29,6 +32,22 @@ class SQLiteDialect(Dialect):
         return conn.in_transaction
 
 
+def connect(path):
+    """A configured connection to the database file ``path`` (blocking)."""
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def prepare(path):
+    """Make the folder that holds the database file (blocking)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+
+
 class SQLiteStore(ThreadedSQLStore):
     dialect = SQLiteDialect()
 
@@ -37,18 +56,7 @@ class SQLiteStore(ThreadedSQLStore):
         self.path = path
 
     def prepare(self):
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
+        prepare(self.path)
 
     def connect(self):
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=OFF")
-        conn.execute("PRAGMA busy_timeout=30000")
-        return conn
-
-    def migrate_schema(self, conn):
-        # readers may connect before the first write: schema under the write lock
-        super().migrate_schema(conn)
+        return connect(self.path)
