@@ -235,7 +235,7 @@ def parse(argv):
                    help="smtp.processes for the relay in the throughput and idle runs")
     p.add_argument("--idle", type=int, default=1000)
     p.add_argument("--big", type=int, default=100, help="MB of the big message")
-    p.add_argument("--pipeline-messages", type=int, default=1200)
+    p.add_argument("--pipeline-messages", type=int, default=2000)
     p.add_argument("--scale-messages", type=int, default=1000)
     p.add_argument("--only", default="throughput,memory,pipeline,scaling",
                    help="comma-separated parts to run")
@@ -244,7 +244,7 @@ def parse(argv):
     a.session_counts = [1, 10, 50, 100, 200]
     if a.quick:
         a.runs, a.messages, a.idle, a.big = 1, 300, 100, 5
-        a.pipeline_messages, a.scale_messages = 200, 100
+        a.pipeline_messages, a.scale_messages = 400, 100
         a.sizes = [1000, 100_000, 1_000_000]
         a.session_counts = [1, 10]
     return a
