@@ -243,8 +243,11 @@ def parse(argv):
     a.sizes = [1000, 10_000, 100_000, 1_000_000, 10_000_000, 50_000_000]
     a.session_counts = [1, 10, 50, 100, 200]
     if a.quick:
-        a.runs, a.messages, a.idle, a.big = 1, 300, 100, 5
-        a.pipeline_messages, a.scale_messages = 400, 100
+        # smaller counts, unless given on the command line
+        for key, value in dict(runs=1, messages=300, idle=100, big=5, pipeline_messages=400,
+                               scale_messages=100).items():
+            if getattr(a, key) == p.get_default(key):
+                setattr(a, key, value)
         a.sizes = [1000, 100_000, 1_000_000]
         a.session_counts = [1, 10]
     return a
