@@ -10,6 +10,7 @@ one is gone.  The clock is injected: tests run days of retries in
 milliseconds.
 """
 
+import io
 import time
 
 from twisted.application import service
@@ -62,6 +63,8 @@ class QueueRunner(service.Service):
         self.metrics = metrics
         self.limiter = MailboxLimiter(delivery.concurrency)
         self._in_flight = {}  # message id -> Deferred of the whole delivery
+        self._reserved = 0  # slots promised to messages being accepted (hand-off)
+        self._backlog = True  # due messages may wait in the store: claims come first
         self._polling = None
         self._wake_call = None
         self._loops = []
@@ -123,6 +126,17 @@ class QueueRunner(service.Service):
 
     # -- claiming --------------------------------------------------------------------
 
+    def queued(self, mailbox):
+        """A message for ``mailbox`` was just queued: poll soon, unless this
+        process already sends as many as it may for that mailbox (or it is
+        held back); the end of one of those deliveries polls then."""
+        self._backlog = True
+        key = mailbox.lower()
+        if (self.limiter.in_flight(key) >= self.limiter.concurrency
+                or self.limiter.blocked_until.get(key, 0) > self.clock.seconds()):
+            return
+        self.wake()
+
     def wake(self):
         """A message may be due: poll soon (coalesced)."""
         if self._stopping or not self.running:
@@ -133,28 +147,65 @@ class QueueRunner(service.Service):
     def _tick(self):
         if self._stopping or self._polling is not None:
             return
-        free = self.max_in_flight - len(self._in_flight)
+        free = self.max_in_flight - len(self._in_flight) - self._reserved
         if free <= 0:
             return
         now = self.clock.seconds()
         self._polling = self.store.claim(now, free, now + self.delivery.lease,
                                          self.delivery.concurrency)
-        self._polling.addCallbacks(self._claimed, self._claim_failed)
+        self._polling.addCallbacks(self._claimed, self._claim_failed, callbackArgs=(free,))
 
     def _claim_failed(self, failure):
         self._polling = None
         log.warn("claiming due messages failed: {why}", why=failure.getErrorMessage())
 
-    def _claimed(self, claims):
+    def _claimed(self, claims, asked=None):
         self._polling = None
+        # fewer than asked for: nothing due is left behind in the store
+        self._backlog = asked is None or len(claims) >= asked
         for claim in claims:
             self._start(claim)
         if claims and len(self._in_flight) < self.max_in_flight and not self._stopping:
             # there may be more due than one claim returned
             self.wake()
 
-    def _start(self, claim):
-        d = self._deliver(claim)
+    # -- hand-off: a message just accepted, delivered without a claim ------------------
+
+    def reserve(self, mailbox):
+        """Promise a delivery slot to a message about to be stored -> bool.
+
+        Only when nothing due waits in the store (the queue is served in
+        order), a slot is free, and this process may send as ``mailbox`` now.
+        A True must be followed by exactly one :meth:`take` or :meth:`unreserve`.
+        """
+        if self._stopping or not self.running or self._backlog:
+            return False
+        if len(self._in_flight) + self._reserved >= self.max_in_flight:
+            return False
+        key = mailbox.lower()
+        if self.limiter.blocked_until.get(key, 0) > self.clock.seconds():
+            return False
+        if self.limiter.in_flight(key) >= self.limiter.concurrency:
+            return False
+        self._reserved += 1
+        return True
+
+    def unreserve(self):
+        """The reserved slot is not needed (the message was queued, or not stored)."""
+        self._reserved -= 1
+        self.wake()
+
+    def take(self, claim, body=None):
+        """Deliver ``claim`` (leased by :meth:`IStore.accept_and_claim`) in the
+        reserved slot; ``body``, if given, is the stored message as bytes."""
+        self._reserved -= 1
+        if self._stopping or not self.running:
+            # too late to start: the lease goes back, the next start sends it
+            return self.store.release([claim.id], self.clock.seconds())
+        return self._start(claim, body)
+
+    def _start(self, claim, body=None):
+        d = self._deliver(claim, body=body)
         self._in_flight[claim.id] = d
 
         def done(result):
@@ -187,7 +238,7 @@ class QueueRunner(service.Service):
         return d.addBoth(done)
 
     @defer.inlineCallbacks
-    def _deliver(self, claim, direct=False):
+    def _deliver(self, claim, direct=False, body=None):
         if claim.mode == "direct" and not direct:
             # a direct-mode message found by a claim: its client never got an answer
             # (the relay stopped mid-delivery) and will send it again
@@ -204,7 +255,7 @@ class QueueRunner(service.Service):
         yield sem.acquire()
         try:
             start = time.monotonic()
-            outcome = yield self._attempt(claim)
+            outcome = yield self._attempt(claim, body)
             duration = time.monotonic() - start
             # before the slot is free: the next message of this mailbox must see it
             self._hold_mailbox(claim, outcome)
@@ -220,17 +271,20 @@ class QueueRunner(service.Service):
                                                   outcome.not_before)
 
     @defer.inlineCallbacks
-    def _attempt(self, claim):
+    def _attempt(self, claim, data=None):
         now = self.clock.seconds()
         blocked = self.limiter.blocked_until.get(claim.mailbox.lower(), 0)
         if blocked > now:
             return Outcome.temporary(
                 f"the provider asked to wait before sending as {claim.mailbox}",
                 not_before=blocked)
-        try:
-            body = yield self.store.read_body(claim.id)
-        except Exception as e:
-            return Outcome.temporary(f"cannot read the stored message: {type(e).__name__}")
+        if data is not None:
+            body = io.BytesIO(data)
+        else:
+            try:
+                body = yield self.store.read_body(claim.id)
+            except Exception as e:
+                return Outcome.temporary(f"cannot read the stored message: {type(e).__name__}")
         message = OutgoingMessage(id=claim.id, sender=claim.sender, mailbox=claim.mailbox,
                                   recipients=claim.recipients, size=claim.size, body=body,
                                   attempt=claim.attempts + 1)

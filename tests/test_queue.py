@@ -249,3 +249,71 @@ class QueueTests(unittest.TestCase):
         self.assertEqual(d["state"], "queued")
         [claim] = yield self.store.claim(self.clock.seconds(), 10, self.clock.seconds() + 60, 4)
         self.assertEqual(claim.id, env.id)
+
+    # -- hand-off: a message just accepted goes out without a claim ------------------------
+
+    @defer.inlineCallbacks
+    def hand_off(self, r, n, mailbox="s@x.org", data=None):
+        """What the SMTP side does at end of data in queue mode -> (envelope, claim)."""
+        now = self.clock.seconds()
+        env = envelope(n, now=now - 1, mailbox=mailbox)  # received at most a second ago
+        reserved = r.reserve(env.mailbox)
+        claim = None
+        try:
+            if reserved:
+                claim = yield self.store.accept_and_claim(
+                    env, iter([b"stored %d" % n]), now, now + 300, r.delivery.concurrency)
+            else:
+                yield self.store.accept(env, iter([b"stored %d" % n]))
+        finally:
+            if reserved and claim is None:
+                r.unreserve()
+        if claim is not None:
+            r.take(claim, data)
+        else:
+            r.queued(env.mailbox)
+        return env, claim
+
+    @defer.inlineCallbacks
+    def test_a_handed_off_message_is_sent_from_memory_without_a_claim(self):
+        provider = ScriptedProvider()
+        r = self.runner(provider)
+        yield self.settle()  # the first claim finds the queue empty
+        reads = []
+        original = self.store.read_body
+        self.store.read_body = lambda mid: reads.append(mid) or original(mid)
+        env, claim = yield self.hand_off(r, 1, data=b"from memory")
+        self.assertIsNotNone(claim)
+        yield self.settle()
+        self.assertEqual((yield self.status(env)), "sent")
+        self.assertEqual(provider.calls[0][3], b"from memory")
+        self.assertEqual(reads, [])
+        # without bytes in memory the stored body is read
+        env, claim = yield self.hand_off(r, 2)
+        yield self.settle()
+        self.assertEqual(provider.calls[1][3], b"stored 2")
+
+    @defer.inlineCallbacks
+    def test_no_hand_off_past_the_mailbox_concurrency_or_a_waiting_queue(self):
+        provider = ScriptedProvider(["hang"] * 3)
+        r = self.runner(provider, concurrency=2)
+        yield self.settle()
+        first, c1 = yield self.hand_off(r, 1)
+        second, c2 = yield self.hand_off(r, 2)
+        yield self.settle()
+        third, c3 = yield self.hand_off(r, 3)
+        self.assertIsNotNone(c1)
+        self.assertIsNotNone(c2)
+        self.assertIsNone(c3)  # the mailbox's two slots are taken: queued
+        # while something waits in the store, later messages queue behind it
+        self.assertFalse(r.reserve("other@x.org"))
+        for d in provider.hanging:
+            d.callback(Outcome.sent("ok"))
+        yield self.settle()
+        for d in provider.hanging[2:]:
+            d.callback(Outcome.sent("ok"))
+        yield self.settle()
+        for env in (first, second, third):
+            self.assertEqual((yield self.status(env)), "sent")
+        self.assertTrue(r.reserve("other@x.org"))  # the queue is empty again
+        r.unreserve()

@@ -9,6 +9,7 @@ Retry-After and migrations must hold between them on both backends.
 
 import os
 import random
+import sqlite3
 import tempfile
 
 from twisted.internet import defer, reactor, threads
@@ -286,6 +287,49 @@ class StoreTests:
         return store._write(run)
 
     @defer.inlineCallbacks
+    def test_accept_and_claim_leases_while_the_mailbox_has_room(self):
+        envelopes = [envelope(i, mailbox="m@x.org") for i in range(3)]
+        claims = []
+        for env in envelopes:
+            claims.append((yield self.store.accept_and_claim(
+                env, iter([b"body"]), NOW, NOW + LEASE, 2)))
+        first, second, third = claims
+        self.assertEqual((first.id, first.mailbox, first.recipients, first.attempts, first.size),
+                         (envelopes[0].id, "m@x.org", ("a@x.org", "b@x.org"), 0, 4))
+        self.assertIsNotNone(second)
+        self.assertIsNone(third)  # two leased already: this one waits in the queue
+        third_id = envelopes[2].id
+        self.assertEqual((yield self.store.delivery(third_id))["state"], "queued")
+        # leased ones count for claims too (any instance)
+        self.assertEqual((yield self.store.claim(NOW + 1, 10, NOW + LEASE, 2)), [])
+        yield self.store.finish(first.id, transition(Status.SENT, NOW + 2, {
+            "a@x.org": (Result.SENT, ""), "b@x.org": (Result.SENT, "")}))
+        [next_one] = yield self.store.claim(NOW + 3, 10, NOW + LEASE, 2)
+        self.assertEqual(next_one.id, third_id)
+
+    @defer.inlineCallbacks
+    def test_accept_and_claim_queues_for_a_blocked_mailbox(self):
+        yield self.store.block_mailbox("m@x.org", NOW + 60)
+        env = envelope(mailbox="m@x.org")
+        self.assertIsNone((yield self.store.accept_and_claim(env, iter([b"b"]), NOW,
+                                                             NOW + LEASE, 4)))
+        [c] = yield self.store.claim(NOW + 61, 10, NOW + LEASE, 4)
+        self.assertEqual(c.id, env.id)
+
+    @defer.inlineCallbacks
+    def test_claim_takes_the_oldest_first_across_states(self):
+        old = envelope(1, mailbox="one@x.org")
+        yield self.store.accept(old, iter([b"b"]))
+        [c] = yield self.store.claim(NOW + 1, 10, NOW + LEASE, 4)
+        yield self.store.finish(old.id, transition(Status.DEFERRED, NOW + 2,
+                                                   {"a@x.org": (Result.TEMPORARY, "")},
+                                                   next_at=NOW + 3, outcome="deferred"))
+        new = envelope(5000, mailbox="two@x.org")  # received at NOW + 5
+        yield self.store.accept(new, iter([b"b"]))
+        claims = yield self.store.claim(NOW + 10, 1, NOW + LEASE, 4)
+        self.assertEqual([c.id for c in claims], [old.id])  # due at NOW + 3, before NOW + 5
+
+    @defer.inlineCallbacks
     def test_instances_and_ping(self):
         yield self.store.ping()
         rows = yield self.store.instances(NOW)
@@ -490,6 +534,49 @@ class SQLiteStoreTests(StoreTests, unittest.TestCase):
     def new_database(self):
         path = os.path.join(tempfile.mkdtemp(), "fresh.db")
         return lambda: SQLiteStore(path, reactor, provider_type="outbox")
+
+    def plan(self, statement):
+        conn = sqlite3.connect(self._path)
+        try:
+            return " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + statement,
+                                                       [None] * statement.count("?")))
+        finally:
+            conn.close()
+
+    def test_an_outcome_updates_recipients_by_primary_key(self):
+        """Not through an index on the address: with many messages to one address
+        (the usual case) that index made every outcome scan all of them."""
+        plan = self.plan("UPDATE recipients SET status = ?, detail = ? WHERE message_id = ? "
+                         "AND address = ? AND status = 'pending'")
+        self.assertIn("sqlite_autoindex_recipients_1", plan)
+
+    def test_a_claim_skips_busy_mailboxes_in_the_index(self):
+        plan = self.plan("SELECT id FROM messages WHERE status = ? AND next_attempt_at <= ? "
+                         "AND mailbox NOT IN (?, ?) ORDER BY next_attempt_at, id LIMIT ?")
+        self.assertIn("messages_due", plan)
+        self.assertNotIn("TEMP B-TREE FOR ORDER BY", plan)
+
+    @defer.inlineCallbacks
+    def test_a_version_1_database_is_migrated(self):
+        from smtprelay.store import _sql
+
+        path = os.path.join(tempfile.mkdtemp(), "v1.db")
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in _sql.MIGRATIONS[0]:
+            conn.execute(statement.format(blob="BLOB"))
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.close()
+        store = SQLiteStore(path, reactor)
+        yield store.start(NOW)
+        yield store.stop(NOW)
+        conn = sqlite3.connect(path)
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        version = conn.execute("SELECT version FROM schema_version").fetchone()[0]
+        conn.close()
+        self.assertEqual(version, _sql.SCHEMA_VERSION)
+        self.assertNotIn("recipients_address", indexes)
+        self.assertIn("messages_due", indexes)
 
     @defer.inlineCallbacks
     def test_full_disk_gives_store_unavailable_then_recovers(self):

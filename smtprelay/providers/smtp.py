@@ -183,6 +183,16 @@ def _check_ca_file(ca_file):
 # the protocol
 
 
+def _no_delay(transport):
+    """Send small writes at once (TCP_NODELAY).  With Nagle's algorithm the
+    end of data, written after the body, waits for the server's delayed ACK
+    of the body (40 ms on Linux): per message, on every reused connection."""
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):
+        pass  # not a TCP transport (a test's loopback)
+
+
 class _Pending:
     """A command (or the body) awaiting its reply."""
 
@@ -247,6 +257,7 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
         self.tls = False
         self.server_closing = False  # a 421 was received: the server is leaving
         self.data_sent = False  # the DATA command went out in this transaction
+        self.in_transaction = False  # MAIL was sent and no end of data ended it yet
         self.dot_sent = False  # the end of data went out in this transaction
         self.transactions = 0
         self.slot = None
@@ -257,6 +268,7 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
 
     def connectionMade(self):
         self.open = True
+        _no_delay(self.transport)
         self._pending.append(_Pending(self.greeting, "the greeting"))
         self._arm()
 
@@ -902,6 +914,12 @@ class SMTPProvider(ProviderBase):
             got.release()
             raise
 
+    @staticmethod
+    def _check_rset(proto, reply):
+        if not reply.positive:
+            proto.abort(ProtocolViolation(f"RSET refused: {reply}"))
+            raise proto._failure
+
     async def _transaction(self, proto, message, reused):
         """One mail transaction -> (Outcome, failed_before_data).
 
@@ -943,34 +961,45 @@ class SMTPProvider(ProviderBase):
 
         accepted = []
         try:
-            if reused:
-                # also proves the idle connection still works before anything is sent
-                reply = await proto.command(b"RSET", "RSET")
-                if not reply.positive:
-                    proto.abort(ProtocolViolation(f"RSET refused: {reply}"))
-                    raise proto._failure
             mail = b"MAIL FROM:" + sender
             if "SIZE" in extensions:
                 mail += b" SIZE=%d" % message.size
             if "8BITMIME" in extensions:
                 # stored messages may hold 8-bit text; declare it where we can
                 mail += b" BODY=8BITMIME"
+            # A transaction that ended with the reply to its end of data leaves
+            # the session clean (RFC 5321 4.1.1.4): the next MAIL needs no RSET.
+            # One that stopped earlier (every recipient refused) is reset first.
+            reset = reused and proto.in_transaction
             if "PIPELINING" in extensions:
-                # RFC 2920: MAIL and every RCPT in one go, the replies in order
-                sent = [proto.command(mail, "MAIL FROM")]
+                # RFC 2920: RSET, MAIL and every RCPT in one go, the replies in order
+                sent = [proto.command(b"RSET", "RSET")] if reset else []
+                sent.append(proto.command(mail, "MAIL FROM"))
+                proto.in_transaction = True
                 sent += [proto.command(b"RCPT TO:" + p, "RCPT TO") for _, p in paths]
                 answers = await defer.DeferredList(sent, consumeErrors=True)
                 for ok, value in answers:
                     if not ok:
                         value.raiseException()
+                if reset:
+                    self._check_rset(proto, answers.pop(0)[1])
                 mail_reply = answers[0][1]
                 rcpt_replies = [value for _, value in answers[1:]]
             else:
+                if reset:
+                    self._check_rset(proto, await proto.command(b"RSET", "RSET"))
                 mail_reply = await proto.command(mail, "MAIL FROM")
+                proto.in_transaction = True
                 rcpt_replies = []
                 if mail_reply.positive:
                     for _, p in paths:
                         rcpt_replies.append(await proto.command(b"RCPT TO:" + p, "RCPT TO"))
+            if reused and mail_reply.code == 421:
+                # the server was closing the idle connection as we spoke: a stale
+                # connection, not an answer about this message
+                proto.abort(ConnectionFailed(f"{self.where} is closing the connection: "
+                                             f"{mail_reply}"))
+                raise proto._failure
             if not mail_reply.positive:
                 result = replies.classify(mail_reply, "mail")
                 if result is Result.SENT:  # 2xx other than what MAIL should get
@@ -1015,6 +1044,7 @@ class SMTPProvider(ProviderBase):
                 if r not in results or r in accepted:
                     results[r] = (Result.TEMPORARY, detail)
             return finish(ambiguous=ambiguous), not proto.data_sent
+        proto.in_transaction = False  # the reply to the end of data ends it
         if reply.positive:
             for r in accepted:
                 results[r] = (Result.SENT, str(reply))

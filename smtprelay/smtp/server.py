@@ -46,6 +46,9 @@ log = Logger()
 MAX_COMMAND_LINE = 4096  # RFC 5321 says 512; AUTH lines may carry long base64
 MAX_AUTH_LINE = 12288  # RFC 4954
 MAX_HELD_INPUT = 1 << 20  # bytes read while a reply is pending, before pausing
+# A message up to this size is kept in memory from its end of data to its
+# delivery when handed straight to the queue (no read back from the store).
+HAND_OFF_BYTES = 256 * 1024
 
 _B64 = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
 
@@ -138,6 +141,12 @@ class RelaySMTP(ESMTP):
     # -- connection ---------------------------------------------------------------
 
     def connectionMade(self):
+        try:
+            # replies go out as written: a pipelining client must not wait
+            # for Nagle's algorithm and its peer's delayed ACK
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not a TCP transport (a test's loopback)
         self.canStartTLS = self.door.tls_context is not None and hasattr(self.transport, "startTLS")
         host = self.peer_host
         door = self.door
@@ -727,13 +736,28 @@ class RelaySMTP(ESMTP):
             mode=mode,
             instance=door.store.instance_id,
         )
-        lease_until = now + self.config.delivery.lease if mode == "direct" else None
+        delivery = self.config.delivery
+        # a small message is joined here, once: the store writes it and, when it
+        # is handed straight to the queue, the provider reads it from memory
+        data = (b"".join(spool.chunks(received, header_block))
+                if size <= HAND_OFF_BYTES else None)
+        body = [data] if data is not None else spool.chunks(received, header_block)
+        claim = None
+        reserved = mode == "queue" and door.runner is not None and \
+            door.runner.reserve(envelope.mailbox)
         try:
-            yield door.store.accept(envelope, spool.chunks(received, header_block),
-                                    lease_until=lease_until)
+            if reserved:
+                claim = yield door.store.accept_and_claim(
+                    envelope, body, now, now + delivery.lease, delivery.concurrency)
+            else:
+                yield door.store.accept(
+                    envelope, body, lease_until=now + delivery.lease if mode == "direct" else None)
         except StoreUnavailable as e:
             log.error("storing a message failed: {why}", why=e)
             return (451, "4.3.0", "Error: temporary storage failure; try again later")
+        finally:
+            if reserved and claim is None:
+                door.runner.unreserve()
         door.message_received(envelope)
         log.info("{id} accepted from {host} user={user} sender=<{sender}> recipients={n} "
                  "size={size}", id=message_id, host=self.peer_host,
@@ -742,7 +766,10 @@ class RelaySMTP(ESMTP):
         if mode == "direct":
             reply = yield door.deliver_direct(envelope)
             return reply
-        door.wake_queue()
+        if claim is not None:
+            door.runner.take(claim, data)
+        else:
+            door.wake_queue(envelope.mailbox)
         return (250, "2.0.0", f"Ok: queued as {message_id}")
 
 
@@ -837,9 +864,10 @@ class FrontDoor:
             else:
                 self.per_address.pop(host, None)
 
-    def wake_queue(self):
+    def wake_queue(self, mailbox):
+        """A message for ``mailbox`` was queued: the runner may claim it."""
         if self.runner is not None:
-            self.runner.wake()
+            self.runner.queued(mailbox)
 
     def message_received(self, envelope):
         if self.metrics is not None:

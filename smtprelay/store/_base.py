@@ -123,6 +123,11 @@ class ThreadedSQLStore:
         return self._write(lambda c: _sql.insert_message(
             d, c, envelope, body, status, owner, lease_until))
 
+    def accept_and_claim(self, envelope, body, now, lease_until, concurrency):
+        d = self.dialect
+        return self._write(lambda c: _sql.insert_and_claim(
+            d, c, envelope, body, self.instance_id, now, lease_until, concurrency))
+
     # -- delivering ---------------------------------------------------------------
 
     def claim(self, now, limit, lease_until, concurrency):

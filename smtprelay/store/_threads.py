@@ -60,11 +60,13 @@ class Writer:
         self._queue.put((_STOP, None))
         return self._stopped
 
-    def _fire(self, d, ok, value):
-        if ok:
-            d.callback(value)
-        else:
-            d.errback(value)
+    @staticmethod
+    def _fire(results):
+        for d, ok, value in results:
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(value)
 
     def _run(self):
         try:
@@ -201,8 +203,8 @@ class Writer:
             self._drop()
 
     def _deliver(self, results):
-        for d, ok, value in results:
-            self._reactor.callFromThread(self._fire, d, ok, value)
+        # one wake-up of the reactor per commit, not one per write
+        self._reactor.callFromThread(self._fire, results)
 
 
 class Readers:

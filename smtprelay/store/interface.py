@@ -30,6 +30,13 @@ class IStore(Interface):
         ``lease_until`` the message is stored already claimed by this
         instance (direct mode).  Failure: StoreUnavailable, nothing stored."""
 
+    def accept_and_claim(envelope, body, now, lease_until, concurrency):
+        """Store as ``accept`` does and, in the same commit, lease the message
+        to this instance if its mailbox has room (not blocked after ``now``,
+        fewer than ``concurrency`` leased by all instances) -> the Claim, or
+        None when it was queued instead.  Lets a relay with free delivery
+        slots start on a message it just accepted without a claim query."""
+
     def claim(now, limit, lease_until, concurrency):
         """Lease up to ``limit`` due messages to this instance -> [Claim].
         Due: queued/deferred with next_attempt_at <= now, or active with an
