@@ -52,7 +52,7 @@ class QueueRunner(service.Service):
     name = "queue"
 
     def __init__(self, store, provider, delivery, clock, max_in_flight=128,
-                 poll_interval=1.0, retention=None, metrics=None):
+                 poll_interval=1.0, retention=None, metrics=None, claim_ahead=False):
         self.store = store
         self.provider = provider
         self.delivery = delivery
@@ -62,7 +62,13 @@ class QueueRunner(service.Service):
         self.retention = retention
         self.metrics = metrics
         self.limiter = MailboxLimiter(delivery.concurrency)
+        # With claim_ahead (a relay that owns its database) a mailbox may hold
+        # twice its concurrency leased: the next messages are claimed and read
+        # while the provider works, and the semaphore still bounds the calls.
+        # Shared databases keep it off: there the lease count is the bound.
+        self.claim_ahead = claim_ahead
         self._in_flight = {}  # message id -> Deferred of the whole delivery
+        self._held = {}  # mailbox (lower case) -> messages of it in _in_flight
         self._reserved = 0  # slots promised to messages being accepted (hand-off)
         self._backlog = True  # due messages may wait in the store: claims come first
         self._polling = None
@@ -126,13 +132,18 @@ class QueueRunner(service.Service):
 
     # -- claiming --------------------------------------------------------------------
 
+    @property
+    def claim_limit(self):
+        """Messages of one mailbox leased at once (all instances' leases count)."""
+        return self.delivery.concurrency * (2 if self.claim_ahead else 1)
+
     def queued(self, mailbox):
         """A message for ``mailbox`` was just queued: poll soon, unless this
         process already sends as many as it may for that mailbox (or it is
         held back); the end of one of those deliveries polls then."""
         self._backlog = True
         key = mailbox.lower()
-        if (self.limiter.in_flight(key) >= self.limiter.concurrency
+        if (self._held.get(key, 0) >= self.claim_limit
                 or self.limiter.blocked_until.get(key, 0) > self.clock.seconds()):
             return
         self.wake()
@@ -152,7 +163,7 @@ class QueueRunner(service.Service):
             return
         now = self.clock.seconds()
         self._polling = self.store.claim(now, free, now + self.delivery.lease,
-                                         self.delivery.concurrency)
+                                         self.claim_limit)
         self._polling.addCallbacks(self._claimed, self._claim_failed, callbackArgs=(free,))
 
     def _claim_failed(self, failure):
@@ -207,9 +218,16 @@ class QueueRunner(service.Service):
     def _start(self, claim, body=None):
         d = self._deliver(claim, body=body)
         self._in_flight[claim.id] = d
+        key = claim.mailbox.lower()
+        self._held[key] = self._held.get(key, 0) + 1
 
         def done(result):
             self._in_flight.pop(claim.id, None)
+            left = self._held.get(key, 1) - 1
+            if left > 0:
+                self._held[key] = left
+            else:
+                self._held.pop(key, None)
             self.limiter.release_idle()
             if not self._stopping:
                 self.wake()
@@ -251,16 +269,28 @@ class QueueRunner(service.Service):
             outcome = Outcome.sent("no recipient left to deliver to")
             transition = yield self._record(claim, outcome, 0)
             return transition
-        sem = self.limiter.semaphore(claim.mailbox)
-        yield sem.acquire()
+        # the body is read before the provider slot is taken: the slot is the
+        # provider's time, and the store's work overlaps the calls in flight
         try:
-            start = time.monotonic()
-            outcome = yield self._attempt(claim, body)
-            duration = time.monotonic() - start
-            # before the slot is free: the next message of this mailbox must see it
-            self._hold_mailbox(claim, outcome)
+            body = io.BytesIO(body) if body is not None else (
+                yield self.store.read_body(claim.id))
+        except Exception as e:
+            outcome = Outcome.temporary(f"cannot read the stored message: {type(e).__name__}")
+            transition = yield self._record(claim, outcome, 0)
+            return transition
+        sem = self.limiter.semaphore(claim.mailbox)
+        try:
+            yield sem.acquire()
+            try:
+                start = time.monotonic()
+                outcome = yield self._attempt(claim, body)
+                duration = time.monotonic() - start
+                # before the slot is free: the next message of this mailbox must see it
+                self._hold_mailbox(claim, outcome)
+            finally:
+                sem.release()
         finally:
-            sem.release()
+            body.close()
         transition = yield self._record(claim, outcome, int(duration * 1000))
         return transition
 
@@ -271,20 +301,14 @@ class QueueRunner(service.Service):
                                                   outcome.not_before)
 
     @defer.inlineCallbacks
-    def _attempt(self, claim, data=None):
+    def _attempt(self, claim, body):
+        """One provider call for ``claim`` with its open ``body`` -> Outcome."""
         now = self.clock.seconds()
         blocked = self.limiter.blocked_until.get(claim.mailbox.lower(), 0)
         if blocked > now:
             return Outcome.temporary(
                 f"the provider asked to wait before sending as {claim.mailbox}",
                 not_before=blocked)
-        if data is not None:
-            body = io.BytesIO(data)
-        else:
-            try:
-                body = yield self.store.read_body(claim.id)
-            except Exception as e:
-                return Outcome.temporary(f"cannot read the stored message: {type(e).__name__}")
         message = OutgoingMessage(id=claim.id, sender=claim.sender, mailbox=claim.mailbox,
                                   recipients=claim.recipients, size=claim.size, body=body,
                                   attempt=claim.attempts + 1)
@@ -306,8 +330,6 @@ class QueueRunner(service.Service):
             log.failure("provider {type} raised for {id}", type=self.provider.type, id=claim.id)
             outcome = Outcome.temporary(f"internal error in the {self.provider.type} "
                                         f"provider: {type(e).__name__}")
-        finally:
-            body.close()
         if not isinstance(outcome, Outcome):
             outcome = Outcome.temporary(f"the {self.provider.type} provider gave no outcome")
         return outcome

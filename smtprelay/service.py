@@ -63,7 +63,9 @@ class RelayService(service.MultiService):
         self.metrics = Metrics(config.provider.type, reactor)
         self.lockout = Lockout(reactor, config.smtp.auth.max_failures, config.smtp.auth.lockout)
         self.runner = QueueRunner(self.store, self.provider, config.delivery, reactor,
-                                  retention=config.database.retention, metrics=self.metrics)
+                                  retention=config.database.retention, metrics=self.metrics,
+                                  # a database of its own: claim the next messages ahead
+                                  claim_ahead=config.database.kind == "sqlite")
         self.runner.observers.append(self.metrics.outcome)
         self.door = FrontDoor(
             config, self.store, reactor, make_portal(config.smtp.auth.users, reactor),

@@ -13,6 +13,7 @@ from smtprelay.config import DeliveryConfig
 from smtprelay.model import Outcome
 from smtprelay.providers.base import CheckResult, IProvider, ProviderBase
 from smtprelay.queue import QueueRunner
+from smtprelay.store._sql import DeliveryQuery
 from smtprelay.store.sqlite import SQLiteStore
 from tests.test_store import envelope
 
@@ -48,7 +49,9 @@ class ScriptedProvider(ProviderBase):
         return defer.succeed(CheckResult(()))
 
 
-class QueueTests(unittest.TestCase):
+class QueueHarness(unittest.TestCase):
+    """A real SQLite store, a fake clock, a scripted provider."""
+
     timeout = 60
 
     @defer.inlineCallbacks
@@ -59,10 +62,11 @@ class QueueTests(unittest.TestCase):
         yield self.store.start(T0)
         self.addCleanup(self.store.stop, T0)
 
-    def runner(self, provider, **delivery):
+    def runner(self, provider, claim_ahead=False, **delivery):
         d = DeliveryConfig(**{"retry": (60.0, 300.0), "max_age": 86400.0, "concurrency": 2,
                               **delivery})
-        r = QueueRunner(self.store, provider, d, self.clock, poll_interval=1.0)
+        r = QueueRunner(self.store, provider, d, self.clock, poll_interval=1.0,
+                        claim_ahead=claim_ahead)
         r.startService()
         self.addCleanup(lambda: r.stopService(grace=0) if r.running else None)
         self.r, self.provider = r, provider
@@ -70,10 +74,12 @@ class QueueTests(unittest.TestCase):
 
     def quiet(self):
         """Nothing left to do until the fake clock moves: no claim in progress,
-        no wake-up due now, and every delivery in flight waits on the provider."""
+        no wake-up due now, and every delivery in flight waits on the provider
+        (or for a provider slot of its mailbox)."""
         r = self.r
         hanging = sum(1 for d in self.provider.hanging if not d.called)
-        return (r._polling is None and len(r._in_flight) <= hanging
+        waiting = sum(len(sem.waiting) for sem in r.limiter._sems.values())
+        return (r._polling is None and len(r._in_flight) <= hanging + waiting
                 and not (r._wake_call is not None and r._wake_call.active()))
 
     @defer.inlineCallbacks
@@ -107,6 +113,8 @@ class QueueTests(unittest.TestCase):
         d = yield self.store.delivery(env.id)
         return d["status"]
 
+
+class QueueTests(QueueHarness):
     @defer.inlineCallbacks
     def test_accepted_message_is_delivered_on_wake(self):
         provider = ScriptedProvider()
@@ -317,3 +325,41 @@ class QueueTests(unittest.TestCase):
             self.assertEqual((yield self.status(env)), "sent")
         self.assertTrue(r.reserve("other@x.org"))  # the queue is empty again
         r.unreserve()
+
+
+class ClaimAheadTests(QueueHarness):
+    """A relay that owns its database claims the next messages of a mailbox
+    while the provider works; the provider still sees at most `concurrency`."""
+
+    @defer.inlineCallbacks
+    def states(self):
+        items, _ = yield self.store.deliveries(DeliveryQuery(limit=50))
+        return sorted(i["state"] for i in items)
+
+    @defer.inlineCallbacks
+    def test_the_next_message_waits_claimed_and_read(self):
+        provider = ScriptedProvider(["hang", "hang", "hang"])
+        r = self.runner(provider, claim_ahead=True, concurrency=1)
+        for i in range(3):
+            yield self.accept(i, mailbox="m@x.org")
+        self.clock.advance(1)  # all three due
+        r.wake()
+        yield self.settle()
+        self.assertEqual(len(provider.calls), 1)
+        self.assertEqual((yield self.states()), ["active", "active", "queued"])
+        provider.hanging[0].callback(Outcome.sent("ok"))
+        yield self.settle()
+        self.assertEqual(len(provider.calls), 2)
+        self.assertEqual((yield self.states()), ["active", "active", "sent"])
+
+    @defer.inlineCallbacks
+    def test_without_claim_ahead_the_lease_count_is_the_bound(self):
+        provider = ScriptedProvider(["hang", "hang", "hang"])
+        r = self.runner(provider, claim_ahead=False, concurrency=1)
+        for i in range(3):
+            yield self.accept(i, mailbox="m@x.org")
+        self.clock.advance(1)  # all three due
+        r.wake()
+        yield self.settle()
+        self.assertEqual(len(provider.calls), 1)
+        self.assertEqual((yield self.states()), ["active", "queued", "queued"])

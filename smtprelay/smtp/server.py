@@ -748,7 +748,7 @@ class RelaySMTP(ESMTP):
         try:
             if reserved:
                 claim = yield door.store.accept_and_claim(
-                    envelope, body, now, now + delivery.lease, delivery.concurrency)
+                    envelope, body, now, now + delivery.lease, door.runner.claim_limit)
             else:
                 yield door.store.accept(
                     envelope, body, lease_until=now + delivery.lease if mode == "direct" else None)
