@@ -26,6 +26,7 @@ here is a fake of a provider: what is behind the proxy is.
 """
 
 import collections
+import select
 import socket
 import struct
 import threading
@@ -50,7 +51,9 @@ def _close(sock):
 
 
 class _Link:
-    """One client connection and its upstream."""
+    """One client connection and its upstream, served by one thread (``select``): a
+    socket is only ever closed by the thread that reads it, so a close takes effect
+    at once (closing a socket another thread is blocked on sends nothing)."""
 
     def __init__(self, proxy, client, mode):
         self.proxy = proxy
@@ -58,86 +61,75 @@ class _Link:
         self.mode = mode
         self.upstream = None
         self.sent = 0  # bytes from the client
-        self.dead = threading.Event()
+        self.dead = threading.Event()  # set by arm(): reset both ways
 
     def kill(self):
-        if not self.dead.is_set():
-            self.dead.set()
-            _rst(self.client)
-            if self.upstream is not None:
-                _rst(self.upstream)
+        self.dead.set()
+
+    def _finish(self, reset):
+        for sock in (self.client, self.upstream):
+            if sock is not None:
+                (_rst if reset else _close)(sock)
 
     def run(self):
         mode, arg = (self.mode if isinstance(self.mode, tuple) else (self.mode, None))
+        reset = True
         try:
             if mode == "close":
-                _close(self.client)
+                reset = False
                 return
             if mode == "reset":
-                _rst(self.client)
                 return
             if mode == "garbage":
                 self.client.sendall(GARBAGE)
-                _close(self.client)
+                reset = False
                 return
-            if mode == "hang":
-                self.client.settimeout(1.0)
-                while not self.dead.is_set() and not self.proxy.stopped.is_set():
-                    try:
-                        if not self.client.recv(65536):
-                            break
-                    except (TimeoutError, socket.timeout):
-                        continue
-                _close(self.client)
-                return
-            self.upstream = socket.create_connection(self.proxy.target, timeout=10)
-            self.upstream.settimeout(None)
-            back = threading.Thread(target=self._pump_back, args=(arg if mode == "slow" else 0,),
-                                    daemon=True)
-            back.start()
-            self._pump_forward(mode, arg)
+            if mode != "hang":
+                self.upstream = socket.create_connection(self.proxy.target, timeout=10)
+            reset = self._serve(mode, arg)
         except OSError:
             pass
         finally:
-            self.kill()
+            self._finish(reset)
             self.proxy._forget(self)
 
-    def _pump_forward(self, mode, arg):
-        while not self.dead.is_set():
-            data = self.client.recv(65536)
-            if not data:
-                break
-            if mode == "abort_tls" and data[:2] == b"\x16\x03":
-                return  # a ClientHello: close both before the server sees it
-            if mode == "reset_after" and self.sent + len(data) >= arg:
-                keep = arg - self.sent
-                if keep > 0:
-                    self.upstream.sendall(data[:keep])
+    def _serve(self, mode, arg):
+        """Forward (or, for "hang", swallow) until one side ends -> reset the other?"""
+        started = time.monotonic()
+        held = []  # the server's bytes held back ("slow")
+        sockets = [self.client] if self.upstream is None else [self.client, self.upstream]
+        while not self.dead.is_set() and not self.proxy.stopped.is_set():
+            if held and time.monotonic() - started >= arg:
+                self.client.sendall(b"".join(held))
+                held = []
+            readable, _, _ = select.select(sockets, [], [], 0.05)
+            if self.client in readable:
+                data = self.client.recv(65536)
+                if not data:
+                    return False  # the client closed: close the upstream too
+                if mode == "hang":
+                    continue
+                if mode == "abort_tls" and data[:2] == b"\x16\x03":
+                    return False  # a ClientHello: close both before the server sees it
+                if mode == "reset_after" and self.sent + len(data) >= arg:
+                    keep = arg - self.sent
+                    if keep > 0:
+                        self.upstream.sendall(data[:keep])
+                    self.sent += len(data)
+                    return True
+                self.upstream.sendall(data)
                 self.sent += len(data)
-                return
-            self.upstream.sendall(data)
-            self.sent += len(data)
-        # the client closed its side: let the server's answer through, then close
-        try:
-            self.upstream.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self.dead.wait(30)
-
-    def _pump_back(self, delay):
-        try:
-            if delay:
-                if self.dead.wait(delay):
-                    return
-            while not self.dead.is_set():
+            if self.upstream is not None and self.upstream in readable:
                 data = self.upstream.recv(65536)
                 if not data:
-                    break
-                self.client.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self.kill()
+                    if held:
+                        self.client.sendall(b"".join(held))
+                    return False
+                if mode == "slow" and (held or time.monotonic() - started < arg):
+                    held.append(data)
+                else:
+                    self.client.sendall(data)
+        return True
 
 
 class FaultProxy:
@@ -188,12 +180,22 @@ class FaultProxy:
     # -- faults ------------------------------------------------------------------------
 
     def arm(self, *modes):
-        """Reset every current connection; the next connections get ``modes``, in order."""
+        """Reset every current connection; the next connections get ``modes``, in order.
+
+        Returns once the resets are out (and a moment more, for the client to see
+        them: a pooled connection reused before its reset arrives is a fault of
+        another kind, a request that may or may not have been read)."""
         with self.lock:
             self.script.extend(modes)
             links = list(self.links)
         for link in links:
             link.kill()
+        deadline = time.monotonic() + 5
+        while links and time.monotonic() < deadline:
+            with self.lock:
+                links = [link for link in links if link in self.links]
+            time.sleep(0.01)
+        time.sleep(0.2 if links or modes else 0)
 
     def disarm(self):
         with self.lock:

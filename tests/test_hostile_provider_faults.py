@@ -237,3 +237,169 @@ def test_smtp_4xx_storm_then_5xx(smtp_world):
     for relay_id in accepted.values():
         [(outcome, detail)] = a.history[relay_id]
         assert (outcome, detail) == ("permanent", "554 5.7.1 Rejected by upstream policy")
+
+
+# ============================================================================ m365
+
+from tests.graph_support import CLIENT, MAILBOX, SECRET, TENANT, FakeGraphProcess  # noqa: E402
+
+M365_TO = "ann@example.com"
+
+
+@pytest.fixture(scope="module")
+def graph_process(tmp_path_factory):
+    fake = FakeGraphProcess(tmp_path_factory.mktemp("graph-ca"))
+    yield fake
+    fake.stop()
+
+
+class M365World:
+    """The Graph fake (authority and Graph) behind the proxy, and a relay."""
+
+    def __init__(self, directory, fake, ca_file=None, delivery=None):
+        self.fake = fake
+        fake.setup()
+        self.proxy = FaultProxy(fake.port)
+        fake.control("POST", "settings", {"proxy_ports": [self.proxy.port]})
+        url = f"https://127.0.0.1:{self.proxy.port}"
+        self.relay = start_relay(directory, {
+            "type": "m365", "tenant_id": TENANT, "client_id": CLIENT, "client_secret": SECRET,
+            "authority": url, "graph_endpoint": url, "ca_file": str(ca_file or fake.ca_file),
+            "save_to_sent_items": True, "timeout": TIMEOUT}, delivery, sender=MAILBOX)
+
+    def received(self):
+        return [m["message_id"] for m in self.fake.messages(content=False)]
+
+    def fault(self, route="sendMail", **fault):
+        self.fake.control("POST", "faults", {"route": route, **fault})
+
+    def storm(self, route="sendMail", **storm):
+        self.fake.control("POST", "faults/storm", {"route": route, **storm})
+
+    def fake_faults(self):
+        """How many scripted answers the fake has given."""
+        left = sum(f.get("times", 1) for f in self.fake.control("GET", "faults")["faults"])
+        return self.scripted - left
+
+    scripted = 0
+
+    def send(self, tag, count=N, size=2000):
+        return send_batch(self.relay, tag, MAILBOX, M365_TO, count, size)
+
+    def audit(self, accepted, faults=None, expect="sent", grace=0.5):
+        settle(self.relay, accepted.values(), SETTLE)
+        time.sleep(grace)
+        if faults is None:
+            faults = self.proxy.faults + self.fake_faults()
+        return Audit(self.relay, accepted, self.received(), faults).check(expect)
+
+    def stop(self):
+        self.relay.stop()
+        self.proxy.stop()
+
+
+@pytest.fixture
+def m365_world(tmp_path, graph_process):
+    worlds = []
+
+    def make(**kw):
+        w = M365World(tmp_path / f"w{len(worlds)}", graph_process, **kw)
+        worlds.append(w)
+        return w
+
+    yield make
+    for w in worlds:
+        w.stop()
+
+
+def warm(world, tag):
+    """One message through, so that the token and a pooled connection exist."""
+    accepted = world.send(f"{tag}-warm", count=1)
+    settle(world.relay, accepted.values(), SETTLE)
+    return accepted
+
+
+def test_m365_refused_connections(m365_world):
+    w = m365_world()
+    accepted = warm(w, "m365-refused")
+    w.proxy.refuse_for(3)
+    accepted.update(w.send("m365-refused"))
+    a = w.audit(accepted)
+    assert any("refused" in d for d in a.details()), a.details()
+
+
+def test_m365_reset_in_the_middle_of_the_body(m365_world):
+    w = m365_world()
+    accepted = warm(w, "m365-reset")
+    w.proxy.arm(*[("reset_after", 40_000)] * N)
+    accepted.update(w.send("m365-reset", size=200_000))
+    a = w.audit(accepted)
+    assert w.proxy.injected["reset_after"] == N
+
+
+def test_m365_tls_handshake_aborted(m365_world):
+    w = m365_world()
+    accepted = warm(w, "m365-handshake")
+    w.proxy.arm(*["abort_tls", "garbage", "close", "reset"] * N)
+    accepted.update(w.send("m365-handshake"))
+    a = w.audit(accepted)
+    assert a.ambiguous == 0, a.details()
+
+
+def test_m365_tls_wrong_ca_fails_with_the_reason(m365_world, other_ca):
+    w = m365_world(ca_file=other_ca.ca_path, delivery={"max_age": "4s"})
+    accepted = w.send("m365-wrong-ca")
+    settle(w.relay, accepted.values(), SETTLE)
+    a = Audit(w.relay, accepted, w.received())
+    a.faults = len(a.details())
+    a.check("failed")
+    for _, error, _ in a.rows.values():
+        assert "delivery.max_age" in error and "certificate" in error, error
+
+
+def test_m365_slow_answers_past_the_timeout(m365_world):
+    """Graph holds the token request, then sendMail, past provider.timeout: the
+    sendMail ones are ambiguous (the relay cannot know), retried, and delivered once."""
+    w = m365_world()
+    w.fault("token", action="hang", times=2)
+    w.fault("sendMail", action="hang", times=N)
+    w.scripted = 2 + N
+    accepted = w.send("m365-slow")
+    a = w.audit(accepted)
+    assert a.duplicates == 0 and a.ambiguous >= 1
+    assert any("within 2s" in d for d in a.details()), a.details()
+
+
+@pytest.mark.parametrize("retry_after", [1, None])
+def test_m365_429_and_5xx_storms(m365_world, retry_after):
+    """429s, then 503, 500, 502 and 504 (a 504 to a send is ambiguous), with or
+    without Retry-After (without, a 429 holds the mailbox 10 s)."""
+    w = m365_world(delivery={"max_age": "40s"})
+    w.storm(count=N, status=429, retry_after=retry_after, retry_after_every=1)
+    for status in (503, 500, 502, 504):
+        w.storm(count=N // 2 or 1, status=status, retry_after=retry_after, retry_after_every=2)
+    w.scripted = N + 4 * (N // 2 or 1)
+    accepted = w.send(f"m365-storm-{retry_after}")
+    a = w.audit(accepted)
+    assert any(d.startswith("429") or "429" in d for d in a.details()), a.details()
+
+
+@pytest.mark.parametrize("action", ["accept_then_hang", "accept_then_drop", "accept_then_reset"])
+def test_m365_accepted_then_the_answer_is_lost(m365_world, action):
+    w = m365_world()
+    w.fault(action=action, times=N)
+    w.scripted = N
+    accepted = w.send(f"m365-{action}")
+    a = w.audit(accepted)
+    assert a.duplicates == N and a.ambiguous >= N
+
+
+def test_m365_a_storm_of_400s_fails_at_once_with_the_reason(m365_world):
+    w = m365_world()
+    w.storm(count=N, status=400)
+    w.scripted = N
+    accepted = w.send("m365-400")
+    a = w.audit(accepted, expect="failed")
+    for relay_id in accepted.values():
+        [(outcome, detail)] = a.history[relay_id]
+        assert outcome == "permanent" and "400" in detail, detail
