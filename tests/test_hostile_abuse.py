@@ -136,3 +136,64 @@ def test_brute_force_from_many_connections_at_once(start_relay):
     log = relay.log()
     assert "locking out 127.0.0.1" in log
     assert "guess-" not in log and PASSWORD not in log
+
+
+FORGED_ENVELOPE = [
+    "ceo@example.com", "CEO@EXAMPLE.COM", "app@example.com.evil.example", "app@evil.example",
+    "app@example.co", "<@example.com:ceo@example.com>", '"app@example.com"@evil.example',
+    "app+x@example.com", "",  # "": the null sender, sent as sender.default
+]
+FORGED_HEADER_FROM = [
+    b"ceo@example.com", b"app@example.com, ceo@example.com", b"app@example.com <ceo@example.com>",
+    b"app@example.com)<ceo@example.com>", b"<app@example.com>ceo@example.com",
+    b"app@example.com;ceo@example.com", b"app@example.com\r\n\t<ceo@example.com>",
+    b'app@example.com"ceo@example.com"', b"Group: ceo@example.com;, app@example.com",
+    b"relay@example.com", b"", b"undisclosed:;", b"app@example.com@ceo@example.com",
+]
+
+
+def test_a_user_cannot_send_as_someone_else(start_relay):
+    """A user limited to app@example.com tries every way to send as another address
+    (the envelope, the header From a parser reads differently, the null sender that
+    goes out as sender.default): 550 5.7.1 each time; only its own address passes."""
+    relay = start_relay({
+        "smtp": {"auth": {"users": {"app": {"password": PASSWORD_HASH,
+                                             "allowed": ["app@example.com"]}}}},
+        "sender": {"default": "relay@example.com", "allowed": ["@example.com"]},
+    })
+
+    def session():
+        c = RawSMTP(relay.port)
+        c.reply()
+        c.cmd("EHLO x")
+        assert c.cmd(plain("app", PASSWORD)).code == 235
+        return c
+
+    # (two sessions: one would reach smtp.max_errors)
+    with session() as c:
+        for sender in FORGED_ENVELOPE:
+            r = c.cmd(f"MAIL FROM:<{sender}>" if not sender.startswith("<") else
+                      f"MAIL FROM:{sender}")
+            assert r.code in (550, 501, 553), (sender, r)
+            torture.figures["forged senders refused"] += 1
+            if r.code == 250:
+                c.cmd("RSET")
+    with session() as c:
+        for value in FORGED_HEADER_FROM:
+            assert c.cmd("MAIL FROM:<app@example.com>").code == 250
+            assert c.cmd("RCPT TO:<to@example.net>").code == 250
+            assert c.cmd("DATA").code == 354
+            c.send(b"From: " + value + b"\r\nSubject: as someone else\r\n\r\nhi\r\n.\r\n")
+            r = c.reply()
+            assert r.lines == ["550 5.7.1 Sender not allowed in From header"], (value, r)
+            torture.figures["forged senders refused"] += 1
+        # its own address, in either place, passes
+        assert c.cmd("MAIL FROM:<app@example.com>").code == 250
+        assert c.cmd("RCPT TO:<to@example.net>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b'From: "The App" <app@example.com>\r\nSubject: mine\r\n\r\nhi\r\n.\r\n')
+        assert c.reply().code == 250
+    [only] = relay.wait_outbox(1)
+    time.sleep(0.3)
+    assert len(relay.outbox_files()) == 1
+    assert b"Subject: mine" in only.read_bytes()
