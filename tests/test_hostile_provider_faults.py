@@ -35,10 +35,10 @@ from tests.upstream import Upstream
 
 pytestmark = [pytest.mark.slow]
 
-N = torture.scale(4, 24)  # messages per fault
+N = torture.scale(4, 16)  # messages per fault
 TIMEOUT = "2s"
 DELIVERY = {"retry": ["1s"], "max_age": "12s", "concurrency": 4}
-SETTLE = 60  # seconds: max_age, a provider timeout or two, and the queue's poll
+SETTLE = torture.scale(60, 240)  # seconds: max_age, a provider timeout or two, the queue
 
 
 @pytest.fixture(scope="module")
