@@ -23,7 +23,7 @@ import re
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests import torture
@@ -105,8 +105,10 @@ def fuzz(relay, sender, delivered_to, tag):
     counts = {"sent": 0, "failed": 0}
     reasons = collections.Counter()
 
+    # no shrinking: each example is a delivery through a relay (minutes for a shrink);
+    # the failing example is printed as it was found
     @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
-              database=None)
+              database=None, phases=[Phase.explicit, Phase.generate])
     @given(api_message(sender))
     def one(example):
         data, envelope = example

@@ -89,7 +89,8 @@ def outbox_received(relay):
 
 
 def test_the_outbox_stops_taking_writes_then_recovers(start_relay, tmp_path):
-    with small_disk(tmp_path / "disk") as disk:
+    # room for every batch: only the filler fills it
+    with small_disk(tmp_path / "disk", size=torture.scale("2m", "16m")) as disk:
         relay = start_relay({"provider": {"type": "outbox", "directory": str(disk / "outbox")},
                              "delivery": {"retry": ["1s"], "max_age": "10m"}})
         accepted = {}
