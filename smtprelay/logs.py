@@ -1,9 +1,13 @@
 """Log observers: plain text or JSON lines, with secrets scrubbed.
 
 The relay never logs a secret on purpose; these observers are the second
-line: any configured secret value (or its base64 form, as in an AUTH line)
-that still reaches an event, in a message, a field or a traceback, is
-replaced by ``[redacted]`` before it is written.
+line: any configured secret value that still reaches an event, in a message,
+a field or a traceback, is replaced by ``[redacted]`` before it is written, in
+every form it takes on the way: as is, base64 (at any of the three alignments:
+an AUTH PLAIN payload holds the password after the user name), URL-encoded (a
+token request's form body) and JSON-escaped.  A provider that quotes back what
+it was sent puts them in its answer; :func:`scrub` is also what the queue runs
+over a provider's answer before it goes into the delivery log.
 
 The plugin installs the plain one by default (same destination as twistd's
 own: stdout under ``-n``, else ``--logfile``); ``twistd
@@ -12,7 +16,9 @@ own: stdout under ``-n``, else ``--logfile``); ``twistd
 
 import base64
 import io
+import json
 import sys
+from urllib.parse import quote, quote_plus
 
 from twisted.logger import jsonFileLogObserver, textFileLogObserver
 from twisted.python import logfile
@@ -20,13 +26,31 @@ from twisted.python import logfile
 _secrets = []
 
 
+MIN_BASE64_CORE = 8  # shorter runs of base64 would match text by chance
+
+
+def secret_forms(value):
+    """``value`` and the ways it is written on the wire (see the module docstring)."""
+    raw = value.encode("utf-8")
+    found = {value, base64.b64encode(raw).decode("ascii").rstrip("="),
+             quote_plus(value), quote(value), quote(value, safe=""), json.dumps(value)[1:-1]}
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw).decode("ascii")
+        # only the 4-character groups made of the value's bytes alone: the same
+        # whatever precedes or follows it
+        start = 4 if offset else 0
+        end = len(encoded) - (4 if (offset + len(raw)) % 3 else 0)
+        if end - start >= MIN_BASE64_CORE:
+            found.add(encoded[start:end])
+    return found
+
+
 def set_secrets(values):
     """Values to scrub from every log event (called when a config is loaded)."""
     found = set()
     for v in values:
         if v and len(v) >= 4:
-            found.add(v)
-            found.add(base64.b64encode(v.encode("utf-8")).decode("ascii").rstrip("="))
+            found.update(secret_forms(v))
     _secrets[:] = sorted(found, key=len, reverse=True)
 
 

@@ -131,7 +131,7 @@ class Outcome:
 @attr.frozen
 class Attempt:
     at: float
-    outcome: str  # "sent" | "temporary" | "permanent" | "expired" | "cancelled" | ...
+    outcome: str  # "sent" | "temporary" | "ambiguous" | "permanent" | "expired" | "cancelled" | ...
     detail: str
     duration_ms: int = 0
     instance: str = ""

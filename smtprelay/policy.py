@@ -118,12 +118,17 @@ class SenderDecision:
 def decide_sender(address, relay, on_disallowed, user_allowed=None):
     """May ``address`` send?  ``relay``: SenderPolicy; ``user_allowed``: the
     authenticated user's own SenderPatterns, or None.  An empty ``address``
-    (``MAIL FROM:<>``) is sent as the default."""
+    (``MAIL FROM:<>``) is sent as the default, so only by a user who may send
+    as the default."""
 
     def permitted(a):
         return relay.allows(a) and (user_allowed is None or user_allowed.matches(a))
 
     if not address:
+        if relay.default and user_allowed is not None and not user_allowed.matches(relay.default):
+            return SenderDecision(Verdict.REJECT, address,
+                                  f"the null sender goes out as {relay.default}, "
+                                  "which this user may not send as")
         return SenderDecision(Verdict.ACCEPT, relay.default)
     if permitted(address):
         return SenderDecision(Verdict.ACCEPT, address)

@@ -13,15 +13,26 @@ milliseconds.
 import io
 import time
 
+import attr
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from smtprelay import schedule
+from smtprelay import logs, schedule
 from smtprelay.model import Outcome, Result, Status
 from smtprelay.providers.base import OutgoingMessage
 
 log = Logger()
+
+
+def scrubbed(outcome):
+    """``outcome`` without any configured secret in its details: a provider may quote
+    back what it was sent (credentials included), and the delivery log keeps it."""
+    detail = logs.scrub(outcome.detail)
+    recipients = {a: (r, logs.scrub(d)) for a, (r, d) in outcome.recipients.items()}
+    if detail == outcome.detail and recipients == outcome.recipients:
+        return outcome
+    return attr.evolve(outcome, detail=detail, recipients=recipients)
 
 
 class MailboxLimiter:
@@ -345,6 +356,7 @@ class QueueRunner(service.Service):
 
     @defer.inlineCallbacks
     def _record(self, claim, outcome, duration_ms):
+        outcome = scrubbed(outcome)
         now = self.clock.seconds()
         transition = schedule.decide(claim, outcome, now, self.delivery.retry,
                                      self.delivery.max_age, duration_ms,

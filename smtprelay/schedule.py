@@ -43,6 +43,10 @@ def decide(claim, outcome, now, retry, max_age, duration_ms=0, instance=""):
     else:
         label = str(outcome.result)
         detail = outcome.detail
+    if outcome.ambiguous and temporary:
+        # the provider may have taken the message (its answer was lost): the log says so,
+        # as it explains a message that arrives twice (at-least-once)
+        label = "ambiguous"
 
     def attempt(label=label, detail=detail):
         return Attempt(now, label, detail, duration_ms, instance)
@@ -68,6 +72,8 @@ def decide(claim, outcome, now, retry, max_age, duration_ms=0, instance=""):
         expired = {a: (Result.PERMANENT, f"expired: {d}") for a, (_, d) in temporary.items()}
         error = (f"gave up after {attempts_made} attempts over "
                  f"{format_duration(max_age)} (delivery.max_age); last error: {detail}")
+        if outcome.ambiguous:
+            error += " (ambiguous: that last attempt may have delivered it)"
         return Transition(Status.FAILED, None, attempt("expired", error),
                           {**results, **expired}, error=error)
 

@@ -43,6 +43,13 @@ def tls_config(ca):
     return {"smtp": {"tls_certificate": str(ca.server_cert), "tls_key": str(ca.server_key)}}
 
 
+def pytest_collection_modifyitems(items):
+    # the hostile-world suite is what `tox -e torture` (-m torture) runs, in its long form
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1].startswith("test_hostile_"):
+            item.add_marker(pytest.mark.torture)
+
+
 def pytest_terminal_summary(terminalreporter):
     from tests import torture
 

@@ -96,7 +96,9 @@ class RelayProcess:
                  or re.search(r'"listen": "(\S+:\d+(?:, \S+:\d+)*)"', text))
             if m:
                 self.smtp_ports = [int(a.rsplit(":", 1)[1]) for a in m.group(1).split(", ")]
-                a = re.search(r"admin API on \S+:(\d+)", text)
+                a = (re.search(r"admin API on \S+:(\d+)", text)
+                     or re.search(r'"address": "\S+:(\d+)", [^\n]*"log_format": "admin API on',
+                                  text))
                 if a:
                     self.admin_port = int(a.group(1))
                 i = re.search(r"ready: .*, instance (\S+)", text)

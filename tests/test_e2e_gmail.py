@@ -369,7 +369,7 @@ def test_lost_answer_is_retried(gmail_relay, fake):
     send(relay, APP, [ALICE], simple(message_id="<amb@app.example>"))
     relay_id, *_ = wait_row(relay, "<amb@app.example>", ("sent",), timeout=30)
     history = attempts(relay, relay_id)
-    assert history[0][0] == "temporary"
+    assert history[0][0] == "ambiguous"
     assert "after the whole message was sent: it may have been delivered" in history[0][1]
     assert history[-1][0] == "sent"
     # at-least-once: Gmail got it twice

@@ -4,6 +4,7 @@ import socket
 import threading
 import time
 
+from tests import torture
 from tests.relay import RawSMTP
 
 
@@ -23,6 +24,7 @@ def test_per_address_connection_limit(start_relay):
     with RawSMTP(relay.port) as c:
         assert c.reply().lines == ["421 4.7.0 relay.test Too many connections from your address"]
         assert c.closed()
+    torture.figures["connections refused over a limit"] += 1
     held.pop().close()
     time.sleep(0.2)
     with RawSMTP(relay.port) as c:
@@ -67,6 +69,7 @@ def test_a_byte_a_second_does_not_keep_a_session_alive(start_relay):
     kind, data, after = results[0]
     assert kind == "closed" and data.startswith(b"421 4.4.2"), results
     assert after < 4
+    torture.figures["slowloris clients cut off"] += 1
 
 
 def test_slowloris_under_stress_cannot_exhaust_the_server(start_relay):
@@ -85,6 +88,7 @@ def test_slowloris_under_stress_cannot_exhaust_the_server(start_relay):
     closed = [r for r in results.values() if r[0] == "closed"]
     assert len(closed) == 9, results
     assert all(r[1].startswith(b"421 4.4.2") and r[2] < 5 for r in closed), results
+    torture.figures["slowloris clients cut off"] += len(closed)
     assert "under stress" in relay.log()
     with RawSMTP(relay.port) as c:
         assert c.reply().code == 220
@@ -111,6 +115,7 @@ def test_a_thousand_concurrent_sessions(start_relay):
                 data += s.recv(100)
             greetings += data.startswith(b"220 ")
         assert greetings == 1000
+        torture.figures["concurrent sessions held"] += 1000
         for s in socks:
             s.sendall(b"EHLO many\r\n")
         for s in socks:

@@ -72,6 +72,12 @@ def test_decide_sender():
     assert decide_sender("a@other.com", relay, "reject", wide).verdict is Verdict.REJECT
     # rewrite only to a default the user may use
     assert decide_sender("boss@company.com", relay, "rewrite", user).verdict is Verdict.REJECT
+    # the null sender goes out as the default: not for a user who may not send as it
+    assert decide_sender("", relay, "reject", user).verdict is Verdict.REJECT
+    assert decide_sender("", relay, "reject", patterns("relay@company.com")).address == \
+        "relay@company.com"
+    assert decide_sender("", SenderPolicy("", patterns()), "reject", user).verdict is \
+        Verdict.ACCEPT  # no default: a true null sender, nobody impersonated
 
 
 @given(st.emails())

@@ -75,3 +75,36 @@ class ClientTests(unittest.TestCase):
         from twisted.python.failure import Failure
 
         self.assertIn("TLS error", describe_failure(Failure(info.exception)))
+
+    @defer.inlineCallbacks
+    def test_a_connection_closed_during_the_handshake_sent_nothing(self):
+        """Twisted's TLS layer holds the request until its handshake is done and the
+        HTTP client counts it as written: without the handshake watch, a server that
+        closes during the handshake looked like one that took the request and never
+        answered (an ambiguous outcome, logged as "may have been delivered")."""
+        from twisted.internet import protocol
+        from twisted.python.failure import Failure
+
+        from smtprelay.providers._http import describe_failure, handshake_failed
+
+        class CloseOnHello(protocol.Protocol):
+            def dataReceived(self, data):
+                self.transport.loseConnection()
+
+        factory = protocol.Factory.forProtocol(CloseOnHello)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client, pool = make_client(reactor, ca_file=str(self.ca.ca_path))
+        self.addCleanup(pool.closeCachedConnections)
+        url = f"https://localhost:{port.getHost().port}/send"
+        results = yield defer.DeferredList(
+            [client.post(url, data=b"x" * 3000, unbuffered=True) for _ in range(8)],
+            consumeErrors=True)
+        for ok, failure in results:
+            self.assertFalse(ok)
+            self.assertTrue(handshake_failed(failure), failure)
+            self.assertEqual(describe_failure(failure),
+                             "TLS error: the connection was closed during the TLS handshake")
+        # a connection that completed its handshake and then died is not one of them
+        lost = Failure(Exception("x"))
+        self.assertFalse(handshake_failed(lost))

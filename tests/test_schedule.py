@@ -84,3 +84,16 @@ def test_a_transition_is_always_consistent(attempts, now, result, not_before):
         assert t.next_attempt_at is None
     assert set(t.recipient_results) == set(c.recipients)
     assert (t.status is Status.SENT) == (result is Result.SENT)
+
+
+def test_an_ambiguous_outcome_is_logged_as_such():
+    """A lost answer after the message went out: retried, and the log says it may have
+    been delivered (what explains a duplicate)."""
+    lost = Outcome.temporary("no answer within 2s", ambiguous=True)
+    t = decide(claim(), lost, 10, RETRY, 5 * DAY)
+    assert t.status is Status.DEFERRED and t.attempt.outcome == "ambiguous"
+    t = decide(claim(attempts=3), lost, 5 * DAY, RETRY, 5 * DAY)
+    assert t.status is Status.FAILED and t.attempt.outcome == "expired"
+    assert t.error.endswith("(ambiguous: that last attempt may have delivered it)")
+    t = decide(claim(), Outcome.temporary("503"), 10, RETRY, 5 * DAY)
+    assert t.attempt.outcome == "temporary"

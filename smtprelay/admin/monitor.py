@@ -12,6 +12,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from smtprelay import logs
 from smtprelay.admin import warnings as warnings_
 
 log = Logger()
@@ -82,6 +83,9 @@ class Monitor(service.Service):
         except Exception:
             log.failure("the provider's warnings() failed")
             provider_warnings = ()
+        # a provider's words may quote what it was sent, credentials included
+        problem = logs.scrub(problem) if problem else problem
+        provider_warnings = tuple(logs.scrub(w) for w in provider_warnings)
         return warnings_.Snapshot(
             now=now,
             provider_type=relay.config.provider.type,

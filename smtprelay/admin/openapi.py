@@ -148,7 +148,8 @@ def _schemas():
             "type": "object", "required": ["at", "outcome", "detail", "duration_ms"],
             "properties": {
                 "at": _TIME,
-                "outcome": {"type": "string", "description": "sent, temporary, permanent, "
+                "outcome": {"type": "string", "description": "sent, temporary, ambiguous (the "
+                            "provider may have taken it: it may arrive twice), permanent, "
                             "partial, expired, cancelled, requeued"},
                 "detail": {"type": "string"},
                 "duration_ms": {"type": "integer"},

@@ -11,6 +11,7 @@ import datetime
 import re
 
 from smtprelay import policy
+from smtprelay.logs import secret_forms
 from smtprelay.store._sql import DeliveryQuery, decode_cursor
 
 STATUSES = ("queued", "deferred", "sent", "failed")
@@ -207,11 +208,13 @@ def stats_json(stats, uptime_seconds):
 
 def safe_reason(e, secrets=()):
     """An exception (or a text) as one line for an answer or a log line, with every
-    value of ``secrets`` replaced: a library's message may quote what it was given."""
+    value of ``secrets`` replaced, in each of its forms (base64, URL-encoded...): a
+    library's message, or a provider's answer, may quote what it was given."""
     text = (e if isinstance(e, str) else str(e)) or type(e).__name__
     if isinstance(e, ImportError):
         text = f"not available in this installation ({e.name or text})"
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+    forms = {f for s in secrets if s for f in secret_forms(s)}
+    for secret in sorted(forms, key=len, reverse=True):
         text = text.replace(secret, "[redacted]")
     lines = text.splitlines()
     return lines[0] if lines else ""

@@ -7,7 +7,9 @@
 - :func:`read_body`: a response body with a size cap (a hostile or broken
   server must not make us buffer gigabytes), and :func:`json_error` for the
   ``{"error": ...}`` bodies of Graph and Google;
-- :func:`describe_failure`: a connection/TLS/timeout failure as one line.
+- :func:`describe_failure`: a connection/TLS/timeout failure as one line;
+  :func:`handshake_failed`: whether it happened before TLS was up (so that no
+  request can have reached the server: not an ambiguous outcome).
 """
 
 import email.utils
@@ -17,8 +19,10 @@ import treq
 from OpenSSL import SSL
 from twisted.internet import defer, error as net_error
 from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 MAX_ERROR_BODY = 64 * 1024
 
@@ -37,15 +41,57 @@ class SystemAndFileTrust:
                                           else self.ca_file)
 
 
+class TLSHandshakeLost(net_error.ConnectionLost):
+    """The connection ended before its TLS handshake completed: nothing was sent."""
+
+    def __str__(self):
+        return "the connection was closed during the TLS handshake"
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _WatchHandshake:
+    """Twisted's TLS layer buffers the request until its handshake is done, and the
+    HTTP client then counts it as written: a server (or a middlebox) that closes the
+    connection during the handshake looks like one that took the request and never
+    answered.  This tells them apart: a connection lost before the handshake
+    completed is reported to the HTTP client as :class:`TLSHandshakeLost`."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        app = tlsProtocol.wrappedProtocol
+        done = []
+        earlier = getattr(app, "handshakeCompleted", None) \
+            if IHandshakeListener.providedBy(app) else None
+        lost = app.connectionLost
+
+        def handshakeCompleted():
+            done.append(True)
+            if earlier is not None:
+                earlier()
+
+        def connectionLost(reason):
+            if not done and not reason.check(SSL.Error, defer.CancelledError):
+                reason = Failure(TLSHandshakeLost())
+            return lost(reason)
+
+        alsoProvides(app, IHandshakeListener)
+        app.handshakeCompleted = handshakeCompleted
+        app.connectionLost = connectionLost
+        return connection
+
+
 class _Policy(BrowserLikePolicyForHTTPS):
     """Browser-like verification with our trust root and TLS 1.2 as the floor."""
 
     def creatorForNetloc(self, hostname, port):
         from twisted.internet.ssl import TLSVersion, optionsForClientTLS
 
-        return optionsForClientTLS(hostname.decode("idna"), trustRoot=self._trustRoot,
-                                   extraCertificateOptions={
-                                       "raiseMinimumTo": TLSVersion.TLSv1_2})
+        return _WatchHandshake(optionsForClientTLS(
+            hostname.decode("idna"), trustRoot=self._trustRoot,
+            extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}))
 
 
 def make_client(reactor, ca_file="", max_per_host=8, connect_timeout=30):
@@ -118,6 +164,14 @@ def json_error(body):
     return None, None, data
 
 
+def handshake_failed(failure):
+    """Did ``failure`` end the connection before TLS was up (nothing sent)?"""
+    if failure.check(TLSHandshakeLost, SSL.Error):
+        return True
+    reasons = getattr(failure.value, "reasons", None) or ()
+    return bool(reasons) and all(r.check(TLSHandshakeLost, SSL.Error) for r in reasons)
+
+
 def describe_failure(failure):
     """A connection-level failure (no HTTP answer) as one line for the log."""
     e = failure.value
@@ -135,6 +189,8 @@ def describe_failure(failure):
         for f in inner:
             if f.check(SSL.Error):
                 return f"TLS error: {_ssl_reason(f.value)}"
+            if f.check(TLSHandshakeLost):
+                return f"TLS error: {f.value}"
         return f"connection failed: {inner[0].getErrorMessage() or type(inner[0].value).__name__}"
     if failure.check(net_error.ConnectError, net_error.ConnectionLost,
                      net_error.ConnectionDone):

@@ -49,7 +49,13 @@ from smtprelay import __version__
 from smtprelay.message import summarize
 from smtprelay.model import Outcome
 from smtprelay.providers import gmail_rules as rules
-from smtprelay.providers._http import describe_failure, make_client, read_body, retry_after
+from smtprelay.providers._http import (
+    describe_failure,
+    handshake_failed,
+    make_client,
+    read_body,
+    retry_after,
+)
 from smtprelay.providers._tokens import TokenThreads
 from smtprelay.providers.base import (
     CheckResult,
@@ -563,7 +569,7 @@ class GmailProvider(ProviderBase):
                 raise defer.CancelledError()
             what = (f"no answer from the Gmail API within {budget:.0f}s" if state["timed_out"]
                     else describe_failure(f))
-            if producer.finished:
+            if producer.finished and not handshake_failed(f):
                 return rules.Answer("ambiguous", rules.one_line(
                     f"{what} after the whole message was sent: it may have been delivered"))
             return rules.Answer("temporary", rules.one_line(

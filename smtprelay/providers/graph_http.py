@@ -23,7 +23,13 @@ from twisted.python.failure import Failure
 from twisted.web import client as web_client
 
 from smtprelay.providers import graph_errors as errors
-from smtprelay.providers._http import describe_failure, json_error, make_client, retry_after
+from smtprelay.providers._http import (
+    describe_failure,
+    handshake_failed,
+    json_error,
+    make_client,
+    retry_after,
+)
 
 GRAPH_MAILBOX_CONCURRENCY = 4  # Graph throttles a fifth request in flight per mailbox
 MAX_RESPONSE = 1 << 20  # success bodies (a draft's resource) are a few KB
@@ -200,9 +206,7 @@ def _cancelled(failure):
 def _maybe_sent(failure):
     """Could Graph have processed a request that got no answer?"""
     if failure.check(web_client.RequestTransmissionFailed, web_client.RequestNotSent,
-                     net_error.ConnectError, net_error.DNSLookupError, SSL.Error):
+                     net_error.ConnectError, net_error.DNSLookupError):
         return False
-    reasons = getattr(failure.value, "reasons", None) or ()
-    if reasons and all(r.check(SSL.Error) for r in reasons):
-        return False  # the TLS handshake failed: nothing was sent
-    return True
+    # the TLS handshake failed: nothing was sent
+    return not handshake_failed(failure)

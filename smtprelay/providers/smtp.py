@@ -81,10 +81,11 @@ class BodyStalled(ConnectionFailed):
 
 
 class ConnectionClosed(ConnectionFailed):
-    def __init__(self, reason, waiting_for=None):
+    def __init__(self, reason, waiting_for=None, streaming=False):
         super().__init__(f"connection lost: {reason!r}")
         self.reason = reason  # the exception Twisted reported
         self.waiting_for = waiting_for
+        self.streaming = streaming  # lost while the body was still being written
 
 
 class ProtocolViolation(ConnectionFailed):
@@ -279,8 +280,9 @@ class UpstreamProtocol(twisted_smtp.SMTPClient):
         self.open = False
         self._cancel_timer()
         if self._failure is None:
-            waiting_for = self._pending[0].what if self._pending else None
-            self._failure = ConnectionClosed(reason.value, waiting_for)
+            entry = self._pending[0] if self._pending else None
+            self._failure = ConnectionClosed(reason.value, entry and entry.what,
+                                             bool(entry and entry.streaming))
         self._fail_pending()
         if self._on_lost is not None:
             on_lost, self._on_lost = self._on_lost, None
@@ -704,6 +706,8 @@ class SMTPProvider(ProviderBase):
                                                        self.timeout)
             if handshaking:
                 return f"TLS: handshake failed ({text})"
+            if exc.streaming:
+                return f"{text} while the message was being sent (not delivered)"
             if exc.waiting_for:
                 text += f" (waiting for the reply to {exc.waiting_for})"
             return text

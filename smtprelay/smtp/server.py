@@ -427,6 +427,8 @@ class RelaySMTP(ESMTP):
         if self.authenticated:
             self.reply(503, "5.5.1", "Error: already authenticated")
             return
+        if self._locked_out():
+            return
         if self._transaction is not None:
             self.reply(503, "5.5.1", "Error: AUTH not permitted during a mail transaction")
             return
@@ -489,6 +491,8 @@ class RelaySMTP(ESMTP):
 
         def ok(result):
             _, avatar, _ = result
+            if self._locked_out():
+                return  # locked while this check ran (from a parallel session)
             self.user = avatar
             self.authenticated = True
             log.info("AUTH ok for {user} from {host}", user=avatar.name, host=self.peer_host)
@@ -505,10 +509,22 @@ class RelaySMTP(ESMTP):
         d.addErrback(lambda f: log.failure("AUTH reply failed", f))
         d.addBoth(self._release)
 
+    def _locked_out(self):
+        """A session opened before its address was locked out gets no more tries:
+        -> True after answering 421 and closing."""
+        if not self.door.lockout.locked(self.peer_host):
+            return False
+        log.warn("AUTH refused for {host}: locked out after failed AUTH", host=self.peer_host)
+        self.reply(421, "4.7.0", "Too many failed authentications; try again later")
+        self._close()
+        return True
+
     def _auth_failed(self, username, why):
         host = self.peer_host
         log.warn("AUTH failed for user {user} from {host}: {why}",
                  user=self._loggable_user(username), host=host, why=why)
+        if self._locked_out():
+            return
         if self.door.lockout.failure(host):
             log.warn("locking out {host} for {s:.0f}s after {n} failed AUTH attempts",
                      host=host, s=self.door.lockout.window, n=self.door.lockout.max_failures)

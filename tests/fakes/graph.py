@@ -80,7 +80,9 @@ Control API (JSON, same port, no auth; every call has an in-process twin)
     POST   /_fake/setup {...}              fake.setup(doc)  (doc below)
     POST   /_fake/settings {...}           fake.configure(latency=, token_lifetime=,
                                                mailbox_concurrency=, throttle_retry_after=,
-                                               upload_session_lifetime=)
+                                               upload_session_lifetime=, proxy_ports=[]
+                                               (ports of TCP proxies in front of it: its
+                                               Graph origin there too))
     POST   /_fake/latency {"seconds"}      fake.configure(latency=...)
     POST   /_fake/tenants                  fake.add_tenant(tenant_id=, domains=[], display_name=)
     POST   /_fake/apps                     fake.add_app(client_id=, tenant=, secrets=[],
@@ -602,6 +604,7 @@ class FakeGraph:
             mailbox_concurrency=mailbox_concurrency,
             throttle_retry_after=throttle_retry_after,
             upload_session_lifetime=upload_session_lifetime,
+            proxy_ports=(),
         )
         self.record_content = record_content
         self.record_limit = record_limit
@@ -660,6 +663,7 @@ class FakeGraph:
         mailbox_concurrency=_UNSET,
         throttle_retry_after=_UNSET,
         upload_session_lifetime=_UNSET,
+        proxy_ports=_UNSET,
     ):
         for name, value in (
             ("latency", latency),
@@ -667,6 +671,7 @@ class FakeGraph:
             ("mailbox_concurrency", mailbox_concurrency),
             ("throttle_retry_after", throttle_retry_after),
             ("upload_session_lifetime", upload_session_lifetime),
+            ("proxy_ports", _UNSET if proxy_ports is _UNSET else tuple(proxy_ports)),
         ):
             if value is not _UNSET:
                 setattr(self, name, value)
@@ -1445,6 +1450,7 @@ class FakeGraph:
         if parts.scheme.lower() != "https" or parts.path not in ("", "/") or parts.query:
             return False
         ports = {p.getHost().port for p in self._ports} or {urlsplit(call.origin).port}
+        ports.update(self.proxy_ports)  # a TCP proxy in front of it (tests.faultproxy)
         return (parts.hostname or "").lower() in self.hosts and (parts.port or 443) in ports
 
     # -- Graph: who is asking, for which mailbox --------------------------------

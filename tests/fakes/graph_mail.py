@@ -268,10 +268,17 @@ def parse_mime(raw):
 
     def addresses(name):
         found = []
-        for header in message.get_all(name) or ():
+        try:
+            # the standard library's parser may fail as it reads (IndexError on a value
+            # that ends in "<"): Exchange cannot resolve such a recipient either
+            headers = message.get_all(name) or ()
+        except Exception:
+            raw = [v for k, v in message.raw_items() if k.lower() == name.lower()]
+            raise unresolved_recipient(str(raw[0]).strip() if raw else name) from None
+        for header in headers:
             try:
                 found.extend(a.addr_spec for a in header.addresses if a.addr_spec)
-            except (AttributeError, TypeError, ValueError):
+            except (AttributeError, TypeError, ValueError, IndexError):
                 raise unresolved_recipient(str(header)) from None
         return found
 
