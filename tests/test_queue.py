@@ -61,6 +61,27 @@ class QueueHarness(unittest.TestCase):
         self.store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "q.db"), reactor)
         yield self.store.start(T0)
         self.addCleanup(self.store.stop, T0)
+        self._count_store_calls()
+
+    def _count_store_calls(self):
+        """Count the store calls still running, so that settle() waits for the
+        store's threads by what they do, not by how long they usually take."""
+        self.store_calls = 0
+        for name in ("claim", "claim_one", "read_body", "finish", "renew_leases", "release",
+                     "block_mailbox", "recover", "accept", "accept_and_claim", "purge"):
+            original = getattr(self.store, name)
+
+            def counted(*args, _original=original, **kwargs):
+                self.store_calls += 1
+                d = _original(*args, **kwargs)
+
+                def done(result):
+                    self.store_calls -= 1
+                    return result
+
+                return d.addBoth(done)
+
+            setattr(self.store, name, counted)
 
     def runner(self, provider, claim_ahead=False, **delivery):
         d = DeliveryConfig(**{"retry": (60.0, 300.0), "max_age": 86400.0, "concurrency": 2,
@@ -79,7 +100,8 @@ class QueueHarness(unittest.TestCase):
         r = self.r
         hanging = sum(1 for d in self.provider.hanging if not d.called)
         waiting = sum(len(sem.waiting) for sem in r.limiter._sems.values())
-        return (r._polling is None and len(r._in_flight) <= hanging + waiting
+        return (self.store_calls == 0 and r._polling is None
+                and len(r._in_flight) <= hanging + waiting
                 and not (r._wake_call is not None and r._wake_call.active()))
 
     @defer.inlineCallbacks
