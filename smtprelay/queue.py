@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from smtprelay import logs, schedule
 from smtprelay.model import Outcome, Result, Status
 from smtprelay.providers.base import OutgoingMessage
+from smtprelay.slots import MailboxSlots
 
 log = Logger()
 
@@ -35,28 +36,12 @@ def scrubbed(outcome):
     return attr.evolve(outcome, detail=detail, recipients=recipients)
 
 
-class MailboxLimiter:
-    """One DeferredSemaphore per sending mailbox, and local back-off times."""
+class MailboxLimiter(MailboxSlots):
+    """Provider calls per sending mailbox, and local back-off times."""
 
     def __init__(self, concurrency):
-        self.concurrency = concurrency
-        self._sems = {}
+        super().__init__(concurrency)
         self.blocked_until = {}
-
-    def semaphore(self, mailbox):
-        key = mailbox.lower()
-        sem = self._sems.get(key)
-        if sem is None:
-            sem = self._sems[key] = defer.DeferredSemaphore(self.concurrency)
-        return sem
-
-    def in_flight(self, mailbox):
-        sem = self._sems.get(mailbox.lower())
-        return 0 if sem is None else sem.limit - sem.tokens
-
-    def release_idle(self):
-        for key in [k for k, s in self._sems.items() if s.tokens == s.limit and not s.waiting]:
-            del self._sems[key]
 
 
 class QueueRunner(service.Service):
@@ -239,7 +224,6 @@ class QueueRunner(service.Service):
                 self._held[key] = left
             else:
                 self._held.pop(key, None)
-            self.limiter.release_idle()
             if not self._stopping:
                 self.wake()
             return result
@@ -289,9 +273,8 @@ class QueueRunner(service.Service):
             outcome = Outcome.temporary(f"cannot read the stored message: {type(e).__name__}")
             transition = yield self._record(claim, outcome, 0)
             return transition
-        sem = self.limiter.semaphore(claim.mailbox)
         try:
-            yield sem.acquire()
+            yield self.limiter.acquire(claim.mailbox)
             try:
                 start = time.monotonic()
                 outcome = yield self._attempt(claim, body)
@@ -299,7 +282,7 @@ class QueueRunner(service.Service):
                 # before the slot is free: the next message of this mailbox must see it
                 self._hold_mailbox(claim, outcome)
             finally:
-                sem.release()
+                self.limiter.release(claim.mailbox)
         finally:
             body.close()
         transition = yield self._record(claim, outcome, int(duration * 1000))

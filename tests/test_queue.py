@@ -99,7 +99,7 @@ class QueueHarness(unittest.TestCase):
         (or for a provider slot of its mailbox)."""
         r = self.r
         hanging = sum(1 for d in self.provider.hanging if not d.called)
-        waiting = sum(len(sem.waiting) for sem in r.limiter._sems.values())
+        waiting = r.limiter.waiting()
         return (self.store_calls == 0 and r._polling is None
                 and len(r._in_flight) <= hanging + waiting
                 and not (r._wake_call is not None and r._wake_call.active()))

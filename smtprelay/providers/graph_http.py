@@ -30,6 +30,7 @@ from smtprelay.providers._http import (
     make_client,
     retry_after,
 )
+from smtprelay.slots import MailboxSlots
 
 GRAPH_MAILBOX_CONCURRENCY = 4  # Graph throttles a fifth request in flight per mailbox
 MAX_RESPONSE = 1 << 20  # success bodies (a draft's resource) are a few KB
@@ -85,30 +86,13 @@ class GraphClient:
         self.timeout = float(timeout)
         self.concurrency = max(1, min(int(concurrency), GRAPH_MAILBOX_CONCURRENCY))
         self._http, self._pool = make_client(reactor, ca_file, max_per_host=16)
-        self._slots = {}  # mailbox -> DeferredSemaphore of requests in flight
+        self._slots = MailboxSlots(self.concurrency)  # requests in flight per mailbox
 
     def close(self):
         return self._pool.closeCachedConnections()
 
-    # -- per-mailbox slots ---------------------------------------------------------------
-
-    def _slot(self, mailbox):
-        key = mailbox.lower()
-        slot = self._slots.get(key)
-        if slot is None:
-            slot = self._slots[key] = defer.DeferredSemaphore(self.concurrency)
-        return slot
-
-    def _release_slot(self, mailbox):
-        key = mailbox.lower()
-        slot = self._slots.get(key)
-        slot.release()
-        if slot.tokens == slot.limit and not slot.waiting:
-            del self._slots[key]
-
     def in_flight(self, mailbox):
-        slot = self._slots.get(mailbox.lower())
-        return 0 if slot is None else slot.limit - slot.tokens
+        return self._slots.in_flight(mailbox)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -122,7 +106,7 @@ class GraphClient:
         the request may send a message, so a lost answer is ambiguous.
         """
         if mailbox is not None:
-            yield self._slot(mailbox).acquire()
+            yield self._slots.acquire(mailbox)
         try:
             for attempt in (1, 2):
                 token = (yield self._tokens.token()) if auth else None
@@ -134,7 +118,7 @@ class GraphClient:
                 return answer
         finally:
             if mailbox is not None:
-                self._release_slot(mailbox)
+                self._slots.release(mailbox)
 
     @defer.inlineCallbacks
     def _exchange(self, method, url, operation, data, json_body, headers, token, commit):
