@@ -74,12 +74,6 @@ class Secret:
     def bytes(self):
         return self.value.encode("utf-8")
 
-    def to_document(self):
-        """What to write back to the TOML file."""
-        if self.source == "literal":
-            return self.value
-        return {self.source: self.ref}
-
 
 @attr.frozen
 class ListenAddress:
@@ -337,12 +331,11 @@ class _Table:
         return value
 
     def string(self, name, default="", choices=None):
-        check = None
-        if choices:
-            def check(v):
-                if v not in choices:
-                    return "must be one of " + ", ".join(f'"{c}"' for c in choices)
-        return self.get(name, str, default, check)
+        def one_of(v):
+            if v not in choices:
+                return "must be one of " + ", ".join(f'"{c}"' for c in choices)
+
+        return self.get(name, str, default, one_of if choices else None)
 
     def boolean(self, name, default):
         return self.get(name, bool, default)

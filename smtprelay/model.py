@@ -26,8 +26,6 @@ class Status(str, enum.Enum):
         return self.value
 
 
-FINAL = (Status.SENT, Status.FAILED)
-
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 

@@ -70,11 +70,3 @@ def parse_size(value):
         raise ValueError(f'"{value}" is not a size; write e.g. "35MB" or "512KB"')
     unit = (m.group(2) or "b").lower()
     return int(float(m.group(1)) * _SIZE_UNITS[unit])
-
-
-def format_size(n):
-    """The shortest exact decimal spelling: 35_000_000 -> ``"35MB"``."""
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n and n % size == 0:
-            return f"{n // size}{unit}"
-    return f"{n}B"

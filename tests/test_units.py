@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from smtprelay.passwords import PasswordHash, check_password, hash_password, is_password_hash
 from smtprelay.config import Secret
-from smtprelay.units import format_duration, format_size, parse_duration, parse_size
+from smtprelay.units import format_duration, parse_duration, parse_size
 
 
 def test_durations():
@@ -35,7 +35,6 @@ def test_sizes():
     for bad in ("lots", "-1MB", True, 1.5, -3):
         with pytest.raises(ValueError):
             parse_size(bad)
-    assert format_size(35_000_000) == "35MB"
 
 
 def test_password_hash_round_trip():

@@ -29,7 +29,6 @@ _SPACES = re.compile(r" {2,}")
 # Stages of a session: a refusal here concerns the connection, not the message.
 SESSION_STAGES = frozenset({"greeting", "ehlo", "helo", "starttls", "auth", "rset"})
 # Stages of a transaction: the reply concerns this message (or this recipient).
-MESSAGE_STAGES = frozenset({"mail", "rcpt", "data", "dot"})
 
 
 def one_line(text, limit=MAX_DETAIL):

@@ -37,10 +37,6 @@ class TokenThreads:
             lock = self._locks[key] = defer.DeferredLock()
         return lock
 
-    def run_locked(self, key, fn, *args, **kwargs):
-        """Run ``fn`` on a token thread while holding the lock of ``key``."""
-        return self.lock(key).run(self.run, fn, *args, **kwargs)
-
     def stop(self):
         if self._started:
             self._started = False

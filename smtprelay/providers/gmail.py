@@ -312,9 +312,7 @@ class GmailProvider(ProviderBase):
             try:
                 self._base, key_uri = _load_service_account(p.service_account_file, explicit)
                 self.token_uri = explicit or key_uri or GOOGLE_TOKEN_URI
-                self.client_email = self._base.service_account_email
             except Exception as e:  # a broken key file: defer mail and say why
-                self.client_email = "?"
                 self._setup_problem = (f"the service account key file "
                                        f"{p.service_account_file} cannot be used: "
                                        f"{_key_error(e)}")

@@ -105,7 +105,6 @@ class GraphTokens:
         self._token = None  # (value, good until: reactor seconds)
         self._stale = None  # a token Graph refused: drop it from msal's cache
         self.problem = None  # what is wrong with the credential (None once a token came)
-        self.acquired_at = None
 
     # -- on the token thread -------------------------------------------------------
 
@@ -179,7 +178,6 @@ class GraphTokens:
         now = self._reactor.seconds()
         self._token = (result["access_token"], now + lifetime - margin)
         self.problem = None
-        self.acquired_at = now
         return result["access_token"]
 
     def _raised(self, failure):

@@ -17,7 +17,6 @@ import json
 import uuid
 
 import treq
-from OpenSSL import SSL
 from twisted.internet import defer, error as net_error
 from twisted.python.failure import Failure
 from twisted.web import client as web_client

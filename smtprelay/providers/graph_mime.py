@@ -124,10 +124,6 @@ class RecipientPlan:
     dropped: tuple  # header addresses outside the envelope: they receive nothing
 
     @property
-    def changed_headers(self):
-        return bool(self.dropped)
-
-    @property
     def differ(self):
         """Are the recipients other than the headers' (a draft must then set them)?"""
         return self.explicit or bool(self.add_bcc)
@@ -478,7 +474,6 @@ class Plan:
     recipients: RecipientPlan
     attachments: tuple = ()  # MovedAttachment
     reasons: tuple = ()  # why a draft: "size", "recipients", "sent_items"
-    original_size: int = 0
     parts: tuple = attr.field(default=(), eq=False, repr=False)  # scanned, for attachments
 
 
@@ -683,10 +678,9 @@ def prepare(f, envelope, save_to_sent_items=True, limit=REQUEST_LIMIT, move_all=
         reasons.append("size")
     if not reasons:
         segments = (bcc, (0, size)) if bcc else ((0, size),)
-        plan = Plan("mime", segments, size + len(bcc), rplan, original_size=size)
+        plan = Plan("mime", segments, size + len(bcc), rplan)
     elif not move_all and fits(size, limit):
-        plan = Plan("draft", ((0, size),), size, rplan, reasons=tuple(reasons),
-                    original_size=size)
+        plan = Plan("draft", ((0, size),), size, rplan, reasons=tuple(reasons),)
     else:
         parts = scan(f, size)
         measure(f, parts)
@@ -697,6 +691,6 @@ def prepare(f, envelope, save_to_sent_items=True, limit=REQUEST_LIMIT, move_all=
                 "be added on their own")
         segments, attachments = plan_draft(parts, size, limit, move_all)
         plan = Plan("draft", segments, segments_size(segments), rplan, attachments,
-                    tuple(reasons), original_size=size, parts=tuple(parts))
+                    tuple(reasons), parts=tuple(parts))
     payload = base64.b64encode(read_segments(f, plan.segments))
     return plan, payload

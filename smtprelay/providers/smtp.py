@@ -39,7 +39,6 @@ import socket
 from OpenSSL import SSL
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet import ssl as tls
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.mail import smtp as twisted_smtp
@@ -48,6 +47,7 @@ from zope.interface import implementer
 
 from smtprelay.model import Outcome, Result
 from smtprelay.providers import _smtp_replies as replies
+from smtprelay.providers._http import SystemAndFileTrust
 from smtprelay.providers.base import CheckResult, IProvider, ProviderBase, Step
 from smtprelay.smtp.data import OutboundEncoder
 
@@ -115,20 +115,6 @@ class UpstreamFailure(Exception):
 
 # ---------------------------------------------------------------------------
 # TLS
-
-
-@implementer(IOpenSSLTrustRoot)
-class SystemAndFileTrust:
-    """Trust the platform's store and, in addition, the CAs in ``ca_file``
-    (a private CA, a TLS-inspecting proxy)."""
-
-    def __init__(self, ca_file=""):
-        self.ca_file = ca_file
-
-    def _addCACertsToContext(self, context):
-        context.set_default_verify_paths()
-        if self.ca_file:
-            context.load_verify_locations(self.ca_file.encode())
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -208,7 +194,6 @@ class _Pending:
 class _BodySender(basic.FileSender):
     # Larger reads than FileSender's 16 KiB: fewer writes; the encoder does not
     # care where chunks end (that is the bug it exists to avoid).
-    CHUNK_SIZE = 1 << 16
 
     def __init__(self, on_read_error):
         self._on_read_error = on_read_error

@@ -106,9 +106,6 @@ class Lockout:
             return False
         return True
 
-    def locked_until(self, address):
-        return self._locked.get(address) if self.locked(address) else None
-
     def failure(self, address):
         """Record a failure -> True when it locks the address out."""
         now = self.clock.seconds()
