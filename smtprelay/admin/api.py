@@ -332,7 +332,7 @@ class AdminAPI:
         log.info("{id} ({status}) queued again by the admin API", id=delivery_id, status=before)
         self.relay.runner.wake()
         item: DeliveryRow | None = yield self.relay.store.delivery(delivery_id)
-        if item is None:  # purged or cancelled away in between: as if never there
+        if item is None:  # purged in between: as if it had never been there
             raise ApiError(404, "no delivery with this id")
         answer = shapes.delivery_json(item, self.relay.config.provider.type)
         return self.json(request, dict(answer, previous_status=before), 202)
