@@ -5,14 +5,24 @@ things happen; gauges that need the store (queue depth) or the provider
 (credential days left) are refreshed by the service before each scrape.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from smtprelay.model import Claim, Envelope, Outcome, Transition
+    from smtprelay.store import Stats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 PROVIDER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    def __init__(self, provider_type, clock):
+    def __init__(self, provider_type: str, clock: IReactorTime) -> None:
         self.provider_type = provider_type
         self.clock = clock
         self.started = clock.seconds()
@@ -52,14 +62,14 @@ class Metrics:
 
     # --- fed as things happen ---------------------------------------------------
 
-    def received(self, envelope):
+    def received(self, envelope: Envelope) -> None:
         self.received_messages.labels(self.provider_type).inc()
         self.received_bytes.labels(self.provider_type).inc(envelope.size)
 
-    def accept_latency(self, seconds):
+    def accept_latency(self, seconds: float) -> None:
         self.accept_seconds.observe(seconds)
 
-    def outcome(self, claim, outcome, transition):
+    def outcome(self, claim: Claim, outcome: Outcome, transition: Transition) -> None:
         from smtprelay.model import Status
 
         p = self.provider_type
@@ -74,11 +84,13 @@ class Metrics:
 
     # --- refreshed before a scrape -------------------------------------------------
 
-    def refresh(self, stats=None, credential_days=None, sessions=None):
+    def refresh(self, stats: Stats | None = None, credential_days: int | None = None,
+                sessions: int | None = None) -> None:
         self.uptime.set(self.clock.seconds() - self.started)
         if stats is not None:
-            for status in ("queued", "deferred", "active"):
-                self.queue_depth.labels(status).set(stats.get(status, 0))
+            for status, depth in (("queued", stats.queued), ("deferred", stats.deferred),
+                                  ("active", stats.active)):
+                self.queue_depth.labels(status).set(depth)
         # absent, not 0, when nothing expires (0 would read "expires today")
         self.credential_days.clear()
         if credential_days is not None:
@@ -86,5 +98,5 @@ class Metrics:
         if sessions is not None:
             self.sessions.set(sessions)
 
-    def render(self):
+    def render(self) -> bytes:
         return generate_latest(self.registry)

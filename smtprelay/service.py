@@ -403,8 +403,6 @@ class RelayService(service.MultiService):
         self.provider = provider
         self.runner.provider = provider
         self.metrics.provider_type = provider.type
-        if hasattr(self.store, "provider_type"):
-            self.store.provider_type = provider.type
         defer.maybeDeferred(provider.start).addErrback(
             lambda f: log.warn("starting the {type} provider failed: {why}",
                                type=provider.type, why=_reason(f.value, self.config.secrets())))

@@ -5,11 +5,13 @@ Klein routes.  No sockets here; tests/test_admin_api.py runs the real relay."""
 import datetime
 import email
 import email.policy
+import json
 import os
 import re
 import tomllib
 from pathlib import Path
 
+import attr
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -17,7 +19,17 @@ from smtprelay import config as configuration
 from smtprelay.admin import auth, configfile, openapi, shapes, testmail
 from smtprelay.admin import warnings as w
 from smtprelay.admin.api import AdminAPI
-from smtprelay.store._sql import DeliveryQuery, encode_cursor
+from smtprelay.model import Status
+from smtprelay.store import (
+    AttemptRow,
+    DeliveryQuery,
+    DeliveryRow,
+    InstanceRow,
+    LastError,
+    RecipientRow,
+    Stats,
+    encode_cursor,
+)
 
 HERE = Path(__file__).resolve()
 # the contract's reference file (a checkout beside shared/, or a worktree one level down)
@@ -233,14 +245,70 @@ def test_delivery_query_reports_every_bad_field_at_once():
     assert set(info.value.fields) == {"status", "limit", "since"}
 
 
+def delivery_row(**kw):
+    fields = dict(
+        id="X", status=Status.DEFERRED, received_at=NOW, finished_at=None, sender="s@x",
+        original_sender="o@x", mailbox="m@x", header_from="h@x", subject="Hi",
+        message_id="<1@x>", size=12, attempts_count=1, next_attempt_at=NOW + 60,
+        error="451 later", client_address="127.0.0.1", auth_user=None, provider_id=None,
+        mode="queue", helo="client",
+        recipients=(RecipientRow("a@x", "sent", "250 ok"), RecipientRow("b@x", "pending")),
+        attempts=(AttemptRow(at=NOW + 1, outcome="sent", detail="ok", duration_ms=3,
+                             instance="i"),),
+    )
+    fields.update(kw)
+    return DeliveryRow(**fields)
+
+
 def test_delivery_json_times():
-    item = {"id": "X", "received_at": NOW, "finished_at": None, "next_attempt_at": NOW + 60,
-            "attempts": [{"at": NOW + 1, "outcome": "sent", "detail": "ok", "duration_ms": 3}]}
-    out = shapes.delivery_json(item)
+    item = delivery_row()
+    out = shapes.delivery_json(item, "outbox")
     assert out["received_at"] == "2027-01-15T08:00:00Z" and out["finished_at"] is None
     assert out["next_attempt_at"] == "2027-01-15T08:01:00Z"
     assert out["attempts"][0]["at"] == "2027-01-15T08:00:01Z"
-    assert item["received_at"] == NOW  # not changed in place
+    assert item.received_at == NOW  # not changed in place
+
+
+def test_delivery_json_keys_in_order():
+    out = shapes.delivery_json(delivery_row(), "m365")
+    expected = {
+        "id": "X", "received_at": "2027-01-15T08:00:00Z", "finished_at": None,
+        "status": "deferred", "state": "deferred", "sender": "s@x", "original_sender": "o@x",
+        "mailbox": "m@x", "recipients": ["a@x", "b@x"],
+        "recipient_status": [{"address": "a@x", "status": "sent", "detail": "250 ok"},
+                             {"address": "b@x", "status": "pending", "detail": None}],
+        "header_from": "h@x", "subject": "Hi", "message_id": "<1@x>", "size": 12,
+        "provider": "m365", "attempts_count": 1, "next_attempt_at": "2027-01-15T08:01:00Z",
+        "error": "451 later", "client_address": "127.0.0.1", "auth_user": None,
+        "provider_id": None, "mode": "queue", "helo": "client",
+        "attempts": [{"at": "2027-01-15T08:00:01Z", "outcome": "sent", "detail": "ok",
+                      "duration_ms": 3, "instance": "i"}],
+    }
+    assert out == expected
+    assert list(out) == list(expected)  # the keys in the order they always had
+    assert json.loads(json.dumps(out)) == expected
+
+
+def test_delivery_json_in_flight_and_without_history():
+    out = shapes.delivery_json(delivery_row(status=Status.ACTIVE, attempts=None), "smtp")
+    assert (out["status"], out["state"]) == ("queued", "active")
+    assert out["next_attempt_at"] is None  # only while waiting for an attempt
+    assert "attempts" not in out  # a page of the log carries no history
+    sent = shapes.delivery_json(delivery_row(status=Status.SENT, finished_at=NOW + 2), "smtp")
+    assert sent["next_attempt_at"] is None and sent["finished_at"] == "2027-01-15T08:00:02Z"
+    assert type(sent["status"]) is str and type(sent["state"]) is str
+
+
+def test_instance_json():
+    row = InstanceRow(id="h/1/ab", hostname="h", pid=1, started_at=NOW, heartbeat_at=NOW + 5,
+                      state="running", version="1.0", uptime_seconds=9.0,
+                      heartbeat_age_seconds=4.0)
+    out = shapes.instance_json(row, this=True)
+    assert list(out) == ["id", "hostname", "pid", "started_at", "heartbeat_at", "state",
+                         "version", "uptime_seconds", "heartbeat_age_seconds", "this"]
+    assert out["started_at"] == "2027-01-15T08:00:00Z"
+    assert out["heartbeat_at"] == "2027-01-15T08:00:05Z"
+    assert (out["uptime_seconds"], out["this"]) == (9.0, True)
 
 
 def test_is_delivery_id():
@@ -251,16 +319,16 @@ def test_is_delivery_id():
 
 
 def test_stats_shape_and_error_rate():
-    stats = {"received": 10, "sent": 6, "failed": 2, "queued": 1, "deferred": 0, "active": 1,
-             "last_error": {"message": "boom", "at": NOW, "delivery_id": "X"},
-             "oldest_pending_at": NOW - 5}
+    stats = Stats(received=10, sent=6, failed=2, queued=1, deferred=0, active=1,
+                  last_error=LastError(message="boom", at=NOW, delivery_id="X"),
+                  oldest_pending_at=NOW - 5)
     out = shapes.stats_json(stats, 12.7)
     assert out["received"] == out["sent"] + out["failed"] + out["queued"] + out["deferred"]
     assert out["queued"] == 2 and out["in_flight"] == 1 and out["uptime_seconds"] == 12
     assert out["error_rate"] == 0.25
     assert out["last_error"] == {"message": "boom", "at": "2027-01-15T08:00:00Z",
                                  "delivery_id": "X"}
-    empty = dict(stats, sent=0, failed=0, last_error=None)
+    empty = attr.evolve(stats, sent=0, failed=0, last_error=None)
     assert shapes.stats_json(empty, 0)["error_rate"] == 0
     assert shapes.stats_json(empty, 0)["last_error"] is None
 

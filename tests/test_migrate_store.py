@@ -9,6 +9,7 @@ site.  PostgreSQL tests get a database of their own (see tests/pg.py).
 import os
 import tracemalloc
 
+import attr
 import pytest
 
 from smtprelay import cli
@@ -86,9 +87,7 @@ def snapshot(url, ids):
     def run(d, c):
         out = {}
         for i in ids:
-            item = _sql.delivery(d, c, i, "outbox")
-            item["body"] = _sql.read_body(d, c, i).read()
-            out[i] = item
+            out[i] = (_sql.delivery(d, c, i), _sql.read_body(d, c, i).read())
         return out
 
     return read(url, run)
@@ -102,15 +101,15 @@ def migrate(capsys, source, destination, *extra):
 
 def assert_copied(before, after, active_id):
     assert set(before) == set(after)
-    for i, item in before.items():
-        copy = dict(after[i])
+    for i, (item, body) in before.items():
+        copy, copied_body = after[i]
         if i == active_id:
             # it was in the hands of an instance of the source: released, due
-            assert (item["state"], copy["state"]) == ("active", "queued")
-            assert copy["next_attempt_at"] == NOW
-            copy["state"] = "active"
-            copy["next_attempt_at"] = None
+            assert (item.status, copy.status) == (Status.ACTIVE, Status.QUEUED)
+            assert copy.next_attempt_at == NOW
+            copy = attr.evolve(copy, status=item.status, next_attempt_at=item.next_attempt_at)
         assert copy == item
+        assert copied_body == body
 
 
 def test_sqlite_to_postgres_and_back(tmp_path, pg_database, capsys):
@@ -140,8 +139,8 @@ def test_sqlite_to_postgres_and_back(tmp_path, pg_database, capsys):
 
     assert read(pg_database.url, claim) == sorted([ids[0], ids[4]])
     stats = read(last, lambda d, c: _sql.stats(d, c, NOW))
-    assert (stats["received"], stats["sent"], stats["failed"], stats["queued"],
-            stats["deferred"], stats["active"]) == (6, 1, 1, 3, 1, 0)
+    assert (stats.received, stats.sent, stats.failed, stats.queued,
+            stats.deferred, stats.active) == (6, 1, 1, 3, 1, 0)
 
 
 def test_a_destination_with_messages_needs_force_and_then_merges(tmp_path, pg_database,

@@ -278,9 +278,9 @@ def test_three_relays_one_database_exactly_once_through_a_kill(database, tmp_pat
         # the database's statistics count every instance's work
         stats = database_stats(database)
         total = database.query("SELECT COUNT(*) FROM messages")[0][0]
-        assert stats["received"] == total >= MESSAGES
-        assert stats["sent"] == total
-        assert (stats["failed"], stats["queued"], stats["deferred"], stats["active"]) == (0,) * 4
+        assert stats.received == total >= MESSAGES
+        assert stats.sent == total
+        assert (stats.failed, stats.queued, stats.deferred, stats.active) == (0,) * 4
         by_instance = dict(database.query(
             "SELECT received_by, COUNT(*) FROM messages GROUP BY received_by"))
         assert set(by_instance) == {r.instance_id for r in relays}

@@ -10,10 +10,10 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from smtprelay.config import DeliveryConfig
-from smtprelay.model import Outcome
+from smtprelay.model import Outcome, Status
 from smtprelay.providers.base import CheckResult, IProvider, ProviderBase
 from smtprelay.queue import QueueRunner
-from smtprelay.store._sql import DeliveryQuery
+from smtprelay.store import DeliveryQuery
 from smtprelay.store.sqlite import SQLiteStore
 from tests.test_store import envelope
 
@@ -133,7 +133,8 @@ class QueueHarness(unittest.TestCase):
     @defer.inlineCallbacks
     def status(self, env):
         d = yield self.store.delivery(env.id)
-        return d["status"]
+        # as the admin API shows it: a message in flight is still queued
+        return str(Status.QUEUED if d.status is Status.ACTIVE else d.status)
 
 
 class QueueTests(QueueHarness):
@@ -167,8 +168,8 @@ class QueueTests(QueueHarness):
         yield self.advance(15)
         self.assertEqual(len(provider.calls), 3)
         d = yield self.store.delivery(env.id)
-        self.assertEqual(d["status"], "sent")
-        self.assertEqual([a["outcome"] for a in d["attempts"]], ["temporary", "temporary", "sent"])
+        self.assertIs(d.status, Status.SENT)
+        self.assertEqual([a.outcome for a in d.attempts], ["temporary", "temporary", "sent"])
 
     @defer.inlineCallbacks
     def test_retry_after_holds_the_whole_mailbox(self):
@@ -215,7 +216,7 @@ class QueueTests(QueueHarness):
             d.callback(Outcome.sent("ok"))
         yield self.settle()
         stats = yield self.store.stats(self.clock.seconds())
-        self.assertEqual(stats["sent"], 5)
+        self.assertEqual(stats.sent, 5)
 
     @defer.inlineCallbacks
     def test_max_age_fails_for_good(self):
@@ -225,9 +226,9 @@ class QueueTests(QueueHarness):
         r.wake()
         yield self.advance(4 * 3600, step=600)
         d = yield self.store.delivery(env.id)
-        self.assertEqual(d["status"], "failed")
-        self.assertEqual(d["attempts"][-1]["outcome"], "expired")
-        self.assertIn("connection refused", d["error"])
+        self.assertIs(d.status, Status.FAILED)
+        self.assertEqual(d.attempts[-1].outcome, "expired")
+        self.assertIn("connection refused", d.error)
         self.assertEqual(len(provider.calls), 4)  # 0h, 1h, 2h, and the last one at 3h
 
     @defer.inlineCallbacks
@@ -238,7 +239,7 @@ class QueueTests(QueueHarness):
         r.wake()
         yield self.settle()
         d = yield self.store.delivery(env.id)
-        self.assertEqual((d["status"], d["error"]), ("failed", "404 ErrorInvalidUser"))
+        self.assertEqual((d.status, d.error), (Status.FAILED, "404 ErrorInvalidUser"))
 
     @defer.inlineCallbacks
     def test_a_provider_exception_is_a_temporary_failure(self):
@@ -248,8 +249,8 @@ class QueueTests(QueueHarness):
         r.wake()
         yield self.settle()
         d = yield self.store.delivery(env.id)
-        self.assertEqual(d["status"], "deferred")
-        self.assertIn("internal error in the scripted provider: RuntimeError", d["error"])
+        self.assertIs(d.status, Status.DEFERRED)
+        self.assertIn("internal error in the scripted provider: RuntimeError", d.error)
         self.flushLoggedErrors(RuntimeError)
 
     @defer.inlineCallbacks
@@ -262,8 +263,8 @@ class QueueTests(QueueHarness):
         self.assertEqual(len(provider.calls), 1)
         yield self.advance(101, step=10)
         d = yield self.store.delivery(env.id)
-        self.assertEqual(d["status"], "deferred")
-        self.assertIn("may have been sent", d["error"])
+        self.assertIs(d.status, Status.DEFERRED)
+        self.assertIn("may have been sent", d.error)
 
     @defer.inlineCallbacks
     def test_stop_releases_leases_of_unfinished_deliveries(self):
@@ -276,7 +277,7 @@ class QueueTests(QueueHarness):
         yield self.advance(6)
         yield stopping
         d = yield self.store.delivery(env.id)
-        self.assertEqual(d["state"], "queued")
+        self.assertIs(d.status, Status.QUEUED)
         [claim] = yield self.store.claim(self.clock.seconds(), 10, self.clock.seconds() + 60, 4)
         self.assertEqual(claim.id, env.id)
 
@@ -355,8 +356,8 @@ class ClaimAheadTests(QueueHarness):
 
     @defer.inlineCallbacks
     def states(self):
-        items, _ = yield self.store.deliveries(DeliveryQuery(limit=50))
-        return sorted(i["state"] for i in items)
+        page = yield self.store.deliveries(DeliveryQuery(limit=50))
+        return sorted(str(i.status) for i in page.items)
 
     @defer.inlineCallbacks
     def test_the_next_message_waits_claimed_and_read(self):

@@ -12,13 +12,26 @@ import random
 import sqlite3
 import tempfile
 
+import attr
 from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from smtprelay import __version__
 from smtprelay.model import Attempt, Envelope, Result, Status, Transition, new_message_id
-from smtprelay.store import IStore, StoreUnavailable, _sql
-from smtprelay.store._sql import DeliveryQuery
+from smtprelay.store import (
+    AttemptRow,
+    DeliveryPage,
+    DeliveryQuery,
+    DeliveryRow,
+    InstanceRow,
+    IStore,
+    LastError,
+    RecipientRow,
+    Stats,
+    StoreUnavailable,
+    _sql,
+)
 from smtprelay.store.postgres import PostgresStore
 from smtprelay.store.sqlite import SQLiteStore
 from tests import pg
@@ -63,10 +76,10 @@ class StoreTests:
         f = yield self.store.read_body(env.id)
         self.assertEqual(f.read(), b"".join(body))
         d = yield self.store.delivery(env.id)
-        self.assertEqual(d["status"], "queued")
-        self.assertEqual(d["size"], sum(map(len, body)))
-        self.assertEqual(d["recipients"], ["a@x.org", "b@x.org"])
-        self.assertEqual(d["attempts"], [])
+        self.assertIs(d.status, Status.QUEUED)
+        self.assertEqual(d.size, sum(map(len, body)))
+        self.assertEqual([r.address for r in d.recipients], ["a@x.org", "b@x.org"])
+        self.assertEqual(d.attempts, ())
 
     @defer.inlineCallbacks
     def test_a_failing_body_stores_nothing(self):
@@ -80,7 +93,7 @@ class StoreTests:
             yield self.store.accept(env, body())
         self.assertIsNone((yield self.store.delivery(env.id)))
         stats = yield self.store.stats(NOW)
-        self.assertEqual(stats["received"], 0)
+        self.assertEqual(stats.received, 0)
 
     @defer.inlineCallbacks
     def test_concurrent_accepts_are_group_committed_and_all_stored(self):
@@ -88,8 +101,8 @@ class StoreTests:
         yield defer.gatherResults([self.store.accept(e, iter([b"x" * i])) for i, e in
                                    enumerate(envs)])
         stats = yield self.store.stats(NOW)
-        self.assertEqual(stats["received"], 200)
-        self.assertEqual(stats["queued"], 200)
+        self.assertEqual(stats.received, 200)
+        self.assertEqual(stats.queued, 200)
 
     @defer.inlineCallbacks
     def test_claim_respects_due_time_concurrency_and_blocks(self):
@@ -127,20 +140,20 @@ class StoreTests:
         }, next_at=NOW + 62, outcome="partial", detail="1 of 2", error="451 later")
         self.assertTrue((yield self.store.finish(env.id, t)))
         d = yield self.store.delivery(env.id)
-        self.assertEqual(d["status"], "deferred")
-        self.assertEqual(d["attempts_count"], 1)
-        self.assertEqual(d["next_attempt_at"], NOW + 62)
-        self.assertEqual([a["outcome"] for a in d["attempts"]], ["partial"])
-        self.assertEqual(d["attempts"][0]["duration_ms"], 12)
+        self.assertIs(d.status, Status.DEFERRED)
+        self.assertEqual(d.attempts_count, 1)
+        self.assertEqual(d.next_attempt_at, NOW + 62)
+        self.assertEqual([a.outcome for a in d.attempts], ["partial"])
+        self.assertEqual(d.attempts[0].duration_ms, 12)
         [c2] = yield self.store.claim(NOW + 63, 10, NOW + LEASE, 4)
         self.assertEqual(c2.recipients, ("b@x.org",))
         self.assertEqual(c2.attempts, 1)
         t = transition(Status.SENT, NOW + 64, {"b@x.org": (Result.SENT, "250 ok")})
         yield self.store.finish(env.id, t)
         d = yield self.store.delivery(env.id)
-        self.assertEqual(d["status"], "sent")
-        self.assertEqual(d["finished_at"], NOW + 64)
-        self.assertEqual({r["status"] for r in d["recipient_status"]}, {"sent"})
+        self.assertIs(d.status, Status.SENT)
+        self.assertEqual(d.finished_at, NOW + 64)
+        self.assertEqual({r.status for r in d.recipients}, {"sent"})
 
     @defer.inlineCallbacks
     def test_finish_without_the_lease_is_refused(self):
@@ -192,8 +205,8 @@ class StoreTests:
         self.assertEqual((yield self.store.cancel(env2.id, NOW + 4, "cancelled by admin")),
                          "queued")
         d = yield self.store.delivery(env2.id)
-        self.assertEqual((d["status"], d["error"]), ("failed", "cancelled by admin"))
-        self.assertEqual(d["attempts"][-1]["outcome"], "cancelled")
+        self.assertEqual((d.status, d.error), (Status.FAILED, "cancelled by admin"))
+        self.assertEqual(d.attempts[-1].outcome, "cancelled")
         with self.assertRaises(ValueError):
             yield self.store.cancel(env2.id, NOW + 5, "again")
 
@@ -203,31 +216,85 @@ class StoreTests:
             yield self.store.accept(
                 envelope(i, recipients=(f"r{i}@x.org",), subject=f"Invoice {i}",
                          mailbox="odd@x.org" if i % 2 else "even@x.org"), iter([b"b"]))
-        items, cursor = yield self.store.deliveries(DeliveryQuery(limit=10))
+        page = yield self.store.deliveries(DeliveryQuery(limit=10))
+        items, cursor = page.items, page.next_cursor
         self.assertEqual(len(items), 10)
-        self.assertEqual(items[0]["subject"], "Invoice 24")  # newest first
-        seen = [i["id"] for i in items]
+        self.assertEqual(items[0].subject, "Invoice 24")  # newest first
+        seen = [i.id for i in items]
         while cursor:
-            more, cursor = yield self.store.deliveries(DeliveryQuery(limit=10, cursor=cursor))
-            seen += [i["id"] for i in more]
+            page = yield self.store.deliveries(DeliveryQuery(limit=10, cursor=cursor))
+            more, cursor = page.items, page.next_cursor
+            seen += [i.id for i in more]
         self.assertEqual(len(seen), 25)
         self.assertEqual(seen, sorted(seen, reverse=True))
-        items, _ = yield self.store.deliveries(DeliveryQuery(sender="ODD@"))
+        items = (yield self.store.deliveries(DeliveryQuery(sender="ODD@"))).items
         self.assertEqual(len(items), 12)
-        items, _ = yield self.store.deliveries(DeliveryQuery(recipient="r7@"))
-        self.assertEqual([i["subject"] for i in items], ["Invoice 7"])
-        items, _ = yield self.store.deliveries(DeliveryQuery(q="invoice 1"))
+        items = (yield self.store.deliveries(DeliveryQuery(recipient="r7@"))).items
+        self.assertEqual([i.subject for i in items], ["Invoice 7"])
+        items = (yield self.store.deliveries(DeliveryQuery(q="invoice 1"))).items
         self.assertEqual(len(items), 11)  # 1, 10..19
-        items, _ = yield self.store.deliveries(DeliveryQuery(q="<3@x.org>"))
+        items = (yield self.store.deliveries(DeliveryQuery(q="<3@x.org>"))).items
         self.assertEqual(len(items), 1)
-        items, _ = yield self.store.deliveries(DeliveryQuery(q="100%_"))
-        self.assertEqual(items, [])
-        items, _ = yield self.store.deliveries(DeliveryQuery(status="sent"))
-        self.assertEqual(items, [])
-        items, _ = yield self.store.deliveries(DeliveryQuery(since=NOW + 0.020))
+        items = (yield self.store.deliveries(DeliveryQuery(q="100%_"))).items
+        self.assertEqual(items, ())
+        items = (yield self.store.deliveries(DeliveryQuery(status="sent"))).items
+        self.assertEqual(items, ())
+        items = (yield self.store.deliveries(DeliveryQuery(since=NOW + 0.020))).items
         self.assertEqual(len(items), 5)
         with self.assertRaises(ValueError):
             yield self.store.deliveries(DeliveryQuery(cursor="%%%"))
+
+    @defer.inlineCallbacks
+    def test_the_admin_reads_frozen_rows(self):
+        env = envelope(recipients=("a@x.org", "b@x.org"))
+        yield self.store.accept(env, iter([b"12345"]))
+        yield self.store.claim(NOW + 1, 10, NOW + LEASE, 4)
+        yield self.store.finish(env.id, transition(
+            Status.DEFERRED, NOW + 2, {"a@x.org": (Result.SENT, "250 ok"),
+                                       "b@x.org": (Result.TEMPORARY, "451 later")},
+            next_at=NOW + 62, outcome="partial", detail="1 of 2", error="451 later"))
+        row = DeliveryRow(
+            id=env.id, status=Status.DEFERRED, received_at=env.received_at, finished_at=None,
+            sender="s@x.org", original_sender="s@x.org", mailbox="s@x.org",
+            header_from="s@x.org", subject="Hello", message_id="<0@x.org>", size=5,
+            attempts_count=1, next_attempt_at=NOW + 62, error="451 later",
+            client_address="127.0.0.1", auth_user=None, provider_id=None, mode="queue",
+            helo="client",
+            recipients=(RecipientRow("a@x.org", "sent", "250 ok"),
+                        RecipientRow("b@x.org", "pending", "451 later")),
+        )
+        got = yield self.store.delivery(env.id)
+        self.assertEqual(got, attr.evolve(row, attempts=(
+            AttemptRow(at=NOW + 2, outcome="partial", detail="1 of 2", duration_ms=12,
+                       instance="i"),)))
+        self.assertIsInstance(got.status, Status)
+        with self.assertRaises(attr.exceptions.FrozenInstanceError):
+            got.status = Status.SENT
+        page = yield self.store.deliveries(DeliveryQuery())
+        self.assertEqual(page, DeliveryPage(items=(row,), next_cursor=None))  # no history
+        self.assertIsInstance(page.items[0].status, Status)
+        stats = yield self.store.stats(NOW + 3)
+        self.assertEqual(stats, Stats(received=1, sent=0, failed=0, queued=0, deferred=1,
+                                      active=0, last_error=LastError("1 of 2", NOW + 2, env.id),
+                                      oldest_pending_at=env.received_at))
+        self.assertEqual(stats.pending, 1)
+        [me] = [r for r in (yield self.store.instances(NOW + 3))
+                if r.id == self.store.instance_id]
+        self.assertEqual(me, InstanceRow(
+            id=self.store.instance_id, hostname=self.store.hostname, pid=self.store.pid,
+            started_at=NOW, heartbeat_at=NOW, state="running", version=__version__,
+            uptime_seconds=3.0, heartbeat_age_seconds=3.0))
+
+    @defer.inlineCallbacks
+    def test_an_active_delivery_reads_as_active(self):
+        env = envelope()
+        yield self.store.accept(env, iter([b"b"]), lease_until=NOW + LEASE)
+        got = yield self.store.delivery(env.id)
+        self.assertIs(got.status, Status.ACTIVE)
+        page = yield self.store.deliveries(DeliveryQuery(status="queued"))
+        self.assertEqual([r.id for r in page.items], [env.id])  # "queued" takes in flight too
+        self.assertIs(page.items[0].status, Status.ACTIVE)
+        self.assertEqual((yield self.store.stats(NOW)).active, 1)
 
     @defer.inlineCallbacks
     def test_stats_and_last_error(self):
@@ -239,10 +306,10 @@ class StoreTests:
         yield self.store.finish(b.id, transition(Status.DEFERRED, NOW + 3, {}, next_at=NOW + 9,
                                                  outcome="temporary", detail="503 busy"))
         s = yield self.store.stats(NOW + 4)
-        self.assertEqual((s["received"], s["sent"], s["deferred"], s["failed"]), (2, 1, 1, 0))
-        self.assertEqual(s["last_error"], {"message": "503 busy", "at": NOW + 3,
-                                           "delivery_id": b.id})
-        self.assertEqual(s["oldest_pending_at"], b.received_at)
+        self.assertEqual((s.received, s.sent, s.deferred, s.failed), (2, 1, 1, 0))
+        self.assertEqual(s.last_error, LastError(message="503 busy", at=NOW + 3,
+                                                 delivery_id=b.id))
+        self.assertEqual(s.oldest_pending_at, b.received_at)
 
     @defer.inlineCallbacks
     def test_purge_removes_finished_rows_and_bodies(self):
@@ -299,7 +366,7 @@ class StoreTests:
         self.assertIsNotNone(second)
         self.assertIsNone(third)  # two leased already: this one waits in the queue
         third_id = envelopes[2].id
-        self.assertEqual((yield self.store.delivery(third_id))["state"], "queued")
+        self.assertIs((yield self.store.delivery(third_id)).status, Status.QUEUED)
         # leased ones count for claims too (any instance)
         self.assertEqual((yield self.store.claim(NOW + 1, 10, NOW + LEASE, 2)), [])
         yield self.store.finish(first.id, transition(Status.SENT, NOW + 2, {
@@ -333,7 +400,7 @@ class StoreTests:
     def test_instances_and_ping(self):
         yield self.store.ping()
         rows = yield self.store.instances(NOW)
-        self.assertIn(self.store.instance_id, [r["id"] for r in rows])
+        self.assertIn(self.store.instance_id, [r.id for r in rows])
 
     # -- several instances on one database --------------------------------------------
 
@@ -349,19 +416,19 @@ class StoreTests:
     def test_instances_report_each_heartbeat_uptime_and_state(self):
         other = yield self.other_instance(NOW + 5)
         yield other.renew_leases(NOW + 50, NOW + 50 + LEASE)
-        rows = {r["id"]: r for r in (yield self.store.instances(NOW + 60))}
+        rows = {r.id: r for r in (yield self.store.instances(NOW + 60))}
         mine, theirs = rows[self.store.instance_id], rows[other.instance_id]
-        self.assertEqual((mine["state"], mine["started_at"], mine["heartbeat_at"]),
+        self.assertEqual((mine.state, mine.started_at, mine.heartbeat_at),
                          ("running", NOW, NOW))
-        self.assertEqual((mine["uptime_seconds"], mine["heartbeat_age_seconds"]), (60, 60))
-        self.assertEqual((theirs["heartbeat_at"], theirs["heartbeat_age_seconds"]),
+        self.assertEqual((mine.uptime_seconds, mine.heartbeat_age_seconds), (60, 60))
+        self.assertEqual((theirs.heartbeat_at, theirs.heartbeat_age_seconds),
                          (NOW + 50, 10))
-        self.assertEqual(theirs["uptime_seconds"], 55)
-        self.assertEqual(theirs["pid"], other.pid)
+        self.assertEqual(theirs.uptime_seconds, 55)
+        self.assertEqual(theirs.pid, other.pid)
         yield other.stop(NOW + 70)
-        rows = {r["id"]: r for r in (yield self.store.instances(NOW + 100))}
-        self.assertEqual(rows[other.instance_id]["state"], "stopped")
-        self.assertEqual(rows[other.instance_id]["uptime_seconds"], 65)
+        rows = {r.id: r for r in (yield self.store.instances(NOW + 100))}
+        self.assertEqual(rows[other.instance_id].state, "stopped")
+        self.assertEqual(rows[other.instance_id].uptime_seconds, 65)
 
     @defer.inlineCallbacks
     def test_an_expired_lease_is_taken_over_by_another_instance(self):
@@ -377,7 +444,7 @@ class StoreTests:
         late = transition(Status.SENT, NOW + 12, {"a@x.org": (Result.SENT, "")})
         self.assertFalse((yield self.store.finish(env.id, late)))
         self.assertTrue((yield other.finish(env.id, late)))
-        self.assertEqual((yield self.store.delivery(env.id))["status"], "sent")
+        self.assertIs((yield self.store.delivery(env.id)).status, Status.SENT)
 
     @defer.inlineCallbacks
     def test_renewed_leases_are_not_taken_over(self):
@@ -401,8 +468,8 @@ class StoreTests:
         yield self.store.renew_leases(NOW + 8, NOW + 18, [kept.id])
         [c] = yield other.claim(NOW + 12, 10, NOW + 40, 4)
         self.assertEqual(c.id, dropped.id)
-        rows = {r["id"]: r for r in (yield self.store.instances(NOW + 12))}
-        self.assertEqual(rows[self.store.instance_id]["heartbeat_at"], NOW + 8)
+        rows = {r.id: r for r in (yield self.store.instances(NOW + 12))}
+        self.assertEqual(rows[self.store.instance_id].heartbeat_at, NOW + 8)
         yield self.store.renew_leases(NOW + 9, NOW + 19, [])  # a heartbeat only
 
     @defer.inlineCallbacks
@@ -469,7 +536,7 @@ class StoreTests:
         self.assertEqual(sorted(claimed), sorted(e.id for e in envs))
         self.assertEqual(sorted(finished), sorted(e.id for e in envs))
         stats = yield stores[2].stats(NOW + 2)
-        self.assertEqual((stats["sent"], stats["active"], stats["queued"]), (240, 0, 0))
+        self.assertEqual((stats.sent, stats.active, stats.queued), (240, 0, 0))
 
     # -- schema ------------------------------------------------------------------------
 
@@ -486,11 +553,11 @@ class StoreTests:
         results = yield defer.DeferredList([s.start(NOW) for s in stores], consumeErrors=True)
         self.assertEqual([f.getErrorMessage() for ok, f in results if not ok], [])
         self.assertEqual((yield self.read_schema_version(stores[0])), [(_sql.SCHEMA_VERSION,)])
-        running = [r["id"] for r in (yield stores[0].instances(NOW)) if r["state"] == "running"]
+        running = [r.id for r in (yield stores[0].instances(NOW)) if r.state == "running"]
         self.assertEqual(sorted(running), sorted(s.instance_id for s in stores))
         yield defer.gatherResults([s.accept(envelope(i), iter([b"b"]))
                                    for i, s in enumerate(stores)])
-        self.assertEqual((yield stores[-1].stats(NOW))["received"], 6)
+        self.assertEqual((yield stores[-1].stats(NOW)).received, 6)
 
     @defer.inlineCallbacks
     def test_a_database_one_version_behind_is_migrated_keeping_its_rows(self):
@@ -529,11 +596,11 @@ class SQLiteStoreTests(StoreTests, unittest.TestCase):
     def make_store(self):
         if not hasattr(self, "_path"):
             self._path = os.path.join(tempfile.mkdtemp(), "relay.db")
-        return SQLiteStore(self._path, reactor, provider_type="outbox")
+        return SQLiteStore(self._path, reactor)
 
     def new_database(self):
         path = os.path.join(tempfile.mkdtemp(), "fresh.db")
-        return lambda: SQLiteStore(path, reactor, provider_type="outbox")
+        return lambda: SQLiteStore(path, reactor)
 
     def plan(self, statement):
         conn = sqlite3.connect(self._path)
@@ -617,11 +684,11 @@ class PostgresStoreTests(StoreTests, unittest.TestCase):
     def make_store(self):
         if not hasattr(self, "_db"):
             self._db = self._database()
-        return PostgresStore(self._db.url, reactor, provider_type="outbox")
+        return PostgresStore(self._db.url, reactor)
 
     def new_database(self):
         db = self._database()
-        return lambda: PostgresStore(db.url, reactor, provider_type="outbox")
+        return lambda: PostgresStore(db.url, reactor)
 
     # -- what only a server can do: go away ------------------------------------------------
 
@@ -658,7 +725,7 @@ class PostgresStoreTests(StoreTests, unittest.TestCase):
         self.assertGreaterEqual(ended, 2)  # the writer and a reader at least
         # a failover or a restart of the server between two messages costs nothing
         yield self.store.accept(envelope(1), iter([b"b"]))
-        self.assertEqual((yield self.store.stats(NOW))["received"], 2)
+        self.assertEqual((yield self.store.stats(NOW)).received, 2)
         [c] = yield self.store.claim(NOW + 1, 1, NOW + LEASE, 4)
         f = yield self.store.read_body(c.id)
         self.assertEqual(f.read(), b"b")
@@ -682,4 +749,4 @@ class PostgresStoreTests(StoreTests, unittest.TestCase):
         self.store._writer._connect_after = 0  # no need to wait for the next attempt
         yield self.store.accept(envelope(20), iter([b"b"]))
         yield self.store.ping()
-        self.assertEqual((yield self.store.stats(NOW))["received"], 2)
+        self.assertEqual((yield self.store.stats(NOW)).received, 2)

@@ -14,17 +14,23 @@ never cancelled half-way when its client goes away: what it started (a
 delivery, a reconfiguration) runs to its end.
 """
 
+from __future__ import annotations
+
 import functools
 import json
 import os
 import re
+from collections.abc import Generator
 from importlib import resources
+from typing import Any
 
 import attr
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer, threads
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from smtprelay import __version__
@@ -33,6 +39,7 @@ from smtprelay.admin import auth, configfile, openapi, shapes, testmail
 from smtprelay.admin.monitor import credential_status
 from smtprelay.admin.shapes import safe_reason as _reason
 from smtprelay.model import Claim, Envelope, Status, new_message_id
+from smtprelay.store import DeliveryPage, DeliveryRow
 from smtprelay.store.interface import StoreUnavailable
 
 log = Logger()
@@ -235,7 +242,7 @@ class AdminAPI:
         return self.json(request, {"status": "ok"})
 
     @defer.inlineCallbacks
-    def status(self):
+    def status(self) -> Generator[Deferred[Any], Any, dict[str, Any]]:
         relay = self.relay
         cfg = relay.config
         now = self.now()
@@ -267,23 +274,19 @@ class AdminAPI:
             "warnings": [w.message for w in found],
             "warning_codes": [w.code for w in found],
             "instance": {"id": relay.store.instance_id},
-            "instances": [
-                dict(i, started_at=shapes.rfc3339(i["started_at"]),
-                     heartbeat_at=shapes.rfc3339(i["heartbeat_at"]),
-                     this=i["id"] == relay.store.instance_id)
-                for i in instances
-            ],
+            "instances": [shapes.instance_json(i, this=i.id == relay.store.instance_id)
+                          for i in instances],
         }
 
     @route(app, "/api/status", ["GET"])
     @defer.inlineCallbacks
-    def get_status(self, request):
+    def get_status(self, request: IRequest) -> Generator[Deferred[Any], Any, bytes]:
         status = yield self.status()
         return self.json(request, status)
 
     @route(app, "/api/stats", ["GET"])
     @defer.inlineCallbacks
-    def get_stats(self, request):
+    def get_stats(self, request: IRequest) -> Generator[Deferred[Any], Any, bytes]:
         now = self.now()
         stats = yield self.relay.store.stats(now)
         uptime = now - self.relay.started_at if self.relay.started_at else 0
@@ -293,28 +296,32 @@ class AdminAPI:
 
     @route(app, "/api/deliveries", ["GET"])
     @defer.inlineCallbacks
-    def list_deliveries(self, request):
+    def list_deliveries(self, request: IRequest) -> Generator[Deferred[Any], Any, bytes]:
         query = shapes.delivery_query(self.query_args(request))
-        items, cursor = yield self.relay.store.deliveries(query)
-        return self.json(request, {"items": [shapes.delivery_json(i) for i in items],
-                                   "next": cursor})
+        page: DeliveryPage = yield self.relay.store.deliveries(query)
+        provider = self.relay.config.provider.type
+        return self.json(request, {"items": [shapes.delivery_json(i, provider)
+                                             for i in page.items],
+                                   "next": page.next_cursor})
 
-    def _delivery_id(self, delivery_id):
+    def _delivery_id(self, delivery_id: str) -> str:
         if not shapes.is_delivery_id(delivery_id):
             raise ApiError(404, "no delivery with this id")
         return delivery_id
 
     @route(app, "/api/deliveries/<string:delivery_id>", ["GET"])
     @defer.inlineCallbacks
-    def get_delivery(self, request, delivery_id):
-        item = yield self.relay.store.delivery(self._delivery_id(delivery_id))
+    def get_delivery(self, request: IRequest,
+                     delivery_id: str) -> Generator[Deferred[Any], Any, bytes]:
+        item: DeliveryRow | None = yield self.relay.store.delivery(self._delivery_id(delivery_id))
         if item is None:
             raise ApiError(404, "no delivery with this id")
-        return self.json(request, shapes.delivery_json(item))
+        return self.json(request, shapes.delivery_json(item, self.relay.config.provider.type))
 
     @route(app, "/api/deliveries/<string:delivery_id>/retry", ["POST"])
     @defer.inlineCallbacks
-    def retry_delivery(self, request, delivery_id):
+    def retry_delivery(self, request: IRequest,
+                       delivery_id: str) -> Generator[Deferred[Any], Any, bytes]:
         delivery_id = self._delivery_id(delivery_id)
         try:
             before = yield self.relay.store.requeue(delivery_id, self.now())
@@ -324,12 +331,16 @@ class AdminAPI:
             raise ApiError(404, "no delivery with this id")
         log.info("{id} ({status}) queued again by the admin API", id=delivery_id, status=before)
         self.relay.runner.wake()
-        item = yield self.relay.store.delivery(delivery_id)
-        return self.json(request, dict(shapes.delivery_json(item), previous_status=before), 202)
+        item: DeliveryRow | None = yield self.relay.store.delivery(delivery_id)
+        if item is None:  # purged in between: as if it had never been there
+            raise ApiError(404, "no delivery with this id")
+        answer = shapes.delivery_json(item, self.relay.config.provider.type)
+        return self.json(request, dict(answer, previous_status=before), 202)
 
     @route(app, "/api/deliveries/<string:delivery_id>", ["DELETE"])
     @defer.inlineCallbacks
-    def cancel_delivery(self, request, delivery_id):
+    def cancel_delivery(self, request: IRequest,
+                        delivery_id: str) -> Generator[Deferred[Any], Any, bytes]:
         delivery_id = self._delivery_id(delivery_id)
         try:
             before = yield self.relay.store.cancel(delivery_id, self.now(), "cancelled by admin")
@@ -505,7 +516,7 @@ class AdminAPI:
 
     @route(app, "/metrics", ["GET"])
     @defer.inlineCallbacks
-    def metrics(self, request):
+    def metrics(self, request: IRequest) -> Generator[Deferred[Any], Any, bytes]:
         relay = self.relay
         now = self.now()
         try:

@@ -8,19 +8,31 @@ hands all of it to :func:`smtprelay.admin.warnings.collect`.  A warning is
 logged once when it appears and once when it clears.  The clock is injected.
 """
 
+from __future__ import annotations
+
+import datetime
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
 from twisted.application import service
 from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from smtprelay import logs
 from smtprelay.admin import warnings as warnings_
+from smtprelay.store import Stats
+
+if TYPE_CHECKING:
+    from smtprelay.service import RelayService
 
 log = Logger()
 
 HISTORY_SECONDS = 3600.0
 
 
-def credential_status(relay):
+def credential_status(relay: RelayService) -> tuple[datetime.date | None, str | None]:
     """(expires, problem) of the running provider's credential.
 
     The provider knows best; a configured ``client_secret_expires`` stands in
@@ -41,39 +53,40 @@ def credential_status(relay):
 class Monitor(service.Service):
     name = "monitor"
 
-    def __init__(self, relay, clock, interval=30.0):
+    def __init__(self, relay: RelayService, clock: IReactorTime, interval: float = 30.0) -> None:
         self.relay = relay
         self.clock = clock
         self.interval = interval
-        self.history = []  # [(time, pending)], oldest first
-        self.current = []  # the last [Warning]
-        self._loop = None
+        self.history: list[tuple[float, int]] = []  # oldest first
+        self.current: list[warnings_.Warning] = []  # the last found
+        self._loop: task.LoopingCall | None = None
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         self._loop = task.LoopingCall(self._periodic)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=True).addErrback(
             lambda f: log.failure("monitor loop failed", f))
 
-    def stopService(self):
+    def stopService(self) -> Deferred[None] | None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         return super().stopService()
 
-    def _periodic(self):
+    def _periodic(self) -> Deferred[list[warnings_.Warning]]:
         d = self.check(record=True)
         d.addErrback(lambda f: log.warn("checking for warnings failed: {why}",
                                         why=f.getErrorMessage()))
         return d
 
     @defer.inlineCallbacks
-    def snapshot(self, record=False, stats=None):
+    def snapshot(self, record: bool = False, stats: Stats | None = None
+                 ) -> Generator[Deferred[Any], Any, warnings_.Snapshot]:
         relay = self.relay
         now = self.clock.seconds()
         if stats is None:
             stats = yield relay.store.stats(now)
-        pending = stats["queued"] + stats["deferred"] + stats.get("active", 0)
+        pending = stats.pending
         if record:
             self.history.append((now, pending))
             self.history = [(t, p) for t, p in self.history if now - t <= HISTORY_SECONDS]
@@ -95,13 +108,14 @@ class Monitor(service.Service):
             provider_warnings=provider_warnings,
             provider_failing=relay.runner.provider_failing,
             pending=pending,
-            oldest_pending_at=stats.get("oldest_pending_at"),
+            oldest_pending_at=stats.oldest_pending_at,
             pending_history=tuple(self.history),
             lockouts=tuple(relay.lockout.recent_lockouts(warnings_.LOCKOUT_WINDOW)),
         )
 
     @defer.inlineCallbacks
-    def check(self, record=False, stats=None):
+    def check(self, record: bool = False, stats: Stats | None = None
+              ) -> Generator[Deferred[Any], Any, list[warnings_.Warning]]:
         """-> [Warning] now; logs the ones that appeared or cleared since last time."""
         snap = yield self.snapshot(record=record, stats=stats)
         found = warnings_.collect(snap)

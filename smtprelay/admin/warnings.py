@@ -7,6 +7,8 @@ moment) and returns :class:`Warning` values.  The same list feeds
 warning when its ``code`` appears).  Thresholds are module constants.
 """
 
+from __future__ import annotations
+
 import datetime
 
 import attr
@@ -26,7 +28,7 @@ class Warning:
     code: str
     message: str
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.message
 
 
@@ -34,22 +36,22 @@ class Warning:
 class Snapshot:
     now: float
     provider_type: str = ""
-    credential_expires: object = None  # datetime.date | None
+    credential_expires: datetime.date | None = None  # a datetime is a date too
     credential_problem: str | None = None
     secret_warning_days: int = 30
-    provider_warnings: tuple = ()  # strings from provider.warnings()
-    provider_failing: tuple | None = None  # (since, detail) from the queue runner
+    provider_warnings: tuple[str, ...] = ()  # from provider.warnings()
+    provider_failing: tuple[float, str] | None = None  # (since, detail) from the queue runner
     pending: int = 0  # queued + deferred + in flight, all instances
     oldest_pending_at: float | None = None
-    pending_history: tuple = ()  # ((time, pending), ...) oldest first
-    lockouts: tuple = ()  # ((time, address), ...) of AUTH lockouts
+    pending_history: tuple[tuple[float, int], ...] = ()  # ((time, pending), ...) oldest first
+    lockouts: tuple[tuple[float, str], ...] = ()  # ((time, address), ...) of AUTH lockouts
 
 
-def _plural(n, word):
+def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def credential(s):
+def credential(s: Snapshot) -> list[Warning]:
     out = []
     if s.credential_problem:
         out.append(Warning("credential-rejected",
@@ -73,7 +75,7 @@ def credential(s):
     return out
 
 
-def provider(s):
+def provider(s: Snapshot) -> list[Warning]:
     # the same text twice is one warning
     out = [Warning(f"provider:{text}", text) for text in dict.fromkeys(s.provider_warnings)
            if text]
@@ -85,7 +87,7 @@ def provider(s):
     return out
 
 
-def queue(s):
+def queue(s: Snapshot) -> list[Warning]:
     out = []
     if s.oldest_pending_at is not None and s.now - s.oldest_pending_at > OLD_MESSAGE_SECONDS:
         hours = (s.now - s.oldest_pending_at) / 3600.0
@@ -106,7 +108,7 @@ def queue(s):
     return out
 
 
-def lockouts(s):
+def lockouts(s: Snapshot) -> list[Warning]:
     recent = [(t, a) for t, a in s.lockouts if s.now - t <= LOCKOUT_WINDOW]
     if not recent:
         return []
@@ -117,6 +119,6 @@ def lockouts(s):
                     f"(too many failed logins from {shown})")]
 
 
-def collect(snapshot):
+def collect(snapshot: Snapshot) -> list[Warning]:
     """-> [Warning] for ``snapshot``, most urgent first."""
     return credential(snapshot) + provider(snapshot) + queue(snapshot) + lockouts(snapshot)

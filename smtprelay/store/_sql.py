@@ -12,13 +12,27 @@ one migration at a time) is decided here, in the database, under the
 dialect's ``lock_claims`` and ``lock_schema``.
 """
 
-import base64
+from __future__ import annotations
+
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import IO, Any
 
-import attr
+from smtprelay.model import Claim, Envelope, Status, Transition
+from smtprelay.store.query import DeliveryQuery, decode_cursor, encode_cursor
+from smtprelay.store.rows import (
+    AttemptRow,
+    DeliveryPage,
+    DeliveryRow,
+    InstanceRow,
+    LastError,
+    RecipientRow,
+    Stats,
+)
 
-from smtprelay.model import Claim, Status
+# a DB-API connection and a result row: the drivers' own types (sqlite3, psycopg)
+Row = tuple[Any, ...]
 
 BODY_CHUNK = 1 << 20  # bytes per stored body row
 
@@ -115,73 +129,83 @@ class Dialect:
     name = "?"
     blob = "BLOB"
 
-    def sql(self, statement):
+    def sql(self, statement: str) -> str:
         return statement
 
-    def execute(self, conn, statement, params=()):
+    def execute(self, conn: Any, statement: str, params: Sequence[Any] = ()) -> Any:
         cur = conn.cursor()
         cur.execute(self.sql(statement), params)
         return cur
 
-    def executemany(self, conn, statement, rows):
+    def executemany(self, conn: Any, statement: str, rows: Iterable[Sequence[Any]]) -> Any:
         cur = conn.cursor()
         cur.executemany(self.sql(statement), rows)
         return cur
 
-    def begin_write(self, conn):
+    def begin_write(self, conn: Any) -> None:
         self.execute(conn, "BEGIN")
 
-    def begin_read(self, conn):
+    def begin_read(self, conn: Any) -> None:
         """A read-only transaction that sees one snapshot throughout."""
         self.execute(conn, "BEGIN")
 
-    def commit(self, conn):
+    def commit(self, conn: Any) -> None:
         conn.commit()
 
-    def rollback(self, conn):
+    def rollback(self, conn: Any) -> None:
         conn.rollback()
 
-    def in_transaction(self, conn):
+    def in_transaction(self, conn: Any) -> bool:
         return True
 
-    def to_blob(self, data):
+    def to_blob(self, data: bytes) -> Any:
         return data
 
-    def from_blob(self, value):
+    def from_blob(self, value: Any) -> bytes:
         return bytes(value)
 
-    def is_broken(self, conn):
+    def is_broken(self, conn: Any) -> bool:
         """True when ``conn`` is unusable (the server went away): the threads
         then drop it and connect anew."""
         return False
 
-    def lock_schema(self, conn):
+    def lock_schema(self, conn: Any) -> None:
         """Serialise migrations across instances starting at once, until the
         end of the caller's transaction (no-op where writes already are)."""
 
-    def lock_claims(self, conn):
+    def lock_claims(self, conn: Any) -> None:
         """Serialise claims across instances until the end of the caller's
         transaction (no-op where writes already are)."""
 
-    def for_update(self, skip_locked=False):
+    def for_update(self, skip_locked: bool = False) -> str:
         """Row locks for a SELECT that a write follows ("" where the write
         transaction already excludes every other writer)."""
         return ""
 
 
-def fetchall(dialect, conn, statement, params=()):
+def fetchall(dialect: Dialect, conn: Any, statement: str,
+             params: Sequence[Any] = ()) -> list[Row]:
     return dialect.execute(conn, statement, params).fetchall()
 
 
-def fetchone(dialect, conn, statement, params=()):
+def fetchone(dialect: Dialect, conn: Any, statement: str,
+             params: Sequence[Any] = ()) -> Row | None:
     return dialect.execute(conn, statement, params).fetchone()
+
+
+def fetchrow(dialect: Dialect, conn: Any, statement: str, params: Sequence[Any] = ()) -> Row:
+    """The row of a query that always yields one (an aggregate, a row just listed)."""
+    row = fetchone(dialect, conn, statement, params)
+    if row is None:
+        raise RuntimeError("the database returned no row where one must be")
+    return row
 
 
 # ---------------------------------------------------------------------------
 # schema
 
 
-def current_version(dialect, conn):
+def current_version(dialect: Dialect, conn: Any) -> int:
     row = fetchone(dialect, conn, "SELECT version FROM schema_version")
     return row[0] if row else 0
 
@@ -190,7 +214,7 @@ class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer relay than this one."""
 
 
-def migrate(dialect, conn, migrations=MIGRATIONS):
+def migrate(dialect: Dialect, conn: Any, migrations: list[list[str]] = MIGRATIONS) -> int:
     """Bring the schema to ``len(migrations)`` inside the caller's transaction
     -> the version found.  Instances starting at once take turns
     (``lock_schema``): the first migrates, the others find it done."""
@@ -217,7 +241,8 @@ def migrate(dialect, conn, migrations=MIGRATIONS):
 # the receiving side
 
 
-def insert_message(dialect, conn, envelope, body, status, lease_owner, lease_until):
+def insert_message(dialect: Dialect, conn: Any, envelope: Envelope, body: Iterable[bytes],
+                   status: Status, lease_owner: str | None, lease_until: float | None) -> int:
     size = 0
     seq = 0
     for chunk in _rechunk(body, BODY_CHUNK):
@@ -251,7 +276,9 @@ def insert_message(dialect, conn, envelope, body, status, lease_owner, lease_unt
     return size
 
 
-def insert_and_claim(dialect, conn, envelope, body, owner, now, lease_until, concurrency):
+def insert_and_claim(dialect: Dialect, conn: Any, envelope: Envelope, body: Iterable[bytes],
+                     owner: str, now: float, lease_until: float,
+                     concurrency: int) -> Claim | None:
     """Store a message and, when its mailbox has room, lease it to ``owner`` at once.
 
     Room: the mailbox is not blocked until after ``now`` and fewer than
@@ -266,7 +293,7 @@ def insert_and_claim(dialect, conn, envelope, body, owner, now, lease_until, con
     )
     busy = 0
     if blocked is None:
-        (busy,) = fetchone(
+        (busy,) = fetchrow(
             dialect, conn,
             """SELECT COUNT(*) FROM messages
                WHERE status = 'active' AND lease_until >= ? AND mailbox = ?""",
@@ -281,7 +308,7 @@ def insert_and_claim(dialect, conn, envelope, body, owner, now, lease_until, con
                  size=size, attempts=0, mode=envelope.mode)
 
 
-def _rechunk(chunks, size):
+def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     buf = bytearray()
     for chunk in chunks:
         buf += chunk
@@ -296,8 +323,8 @@ def _rechunk(chunks, size):
 # the delivering side
 
 
-def _pending(dialect, conn, ids):
-    out = {i: [] for i in ids}
+def _pending(dialect: Dialect, conn: Any, ids: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {i: [] for i in ids}
     if not ids:
         return out
     marks = ",".join("?" * len(ids))
@@ -312,7 +339,7 @@ def _pending(dialect, conn, ids):
     return out
 
 
-def _claims(dialect, conn, rows):
+def _claims(dialect: Dialect, conn: Any, rows: Sequence[Row]) -> list[Claim]:
     pending = _pending(dialect, conn, [r[0] for r in rows])
     return [
         Claim(id=r[0], sender=r[1], mailbox=r[2], recipients=tuple(pending[r[0]]),
@@ -325,14 +352,15 @@ _CLAIM_COLUMNS = "id, sender, mailbox, age_from, size, attempts_count, mode"
 _MAX_SKIPPED = 500  # busy or blocked mailboxes a claim's query leaves out by name
 
 
-def claim(dialect, conn, owner, now, limit, lease_until, concurrency):
+def claim(dialect: Dialect, conn: Any, owner: str, now: float, limit: int, lease_until: float,
+          concurrency: int) -> list[Claim]:
     dialect.lock_claims(conn)
     blocked = {
         r[0] for r in fetchall(
             dialect, conn, "SELECT mailbox FROM mailboxes WHERE not_before > ?", (now,)
         )
     }
-    busy = dict(fetchall(
+    busy: dict[str, int] = dict(fetchall(
         dialect, conn,
         """SELECT mailbox, COUNT(*) FROM messages
            WHERE status = 'active' AND lease_until >= ? GROUP BY mailbox""",
@@ -365,7 +393,7 @@ def claim(dialect, conn, owner, now, limit, lease_until, concurrency):
         (now, *full, wanted),
     )
     candidates.sort(key=lambda r: (r[7] if r[7] is not None else 0.0, r[0]))
-    chosen = []
+    chosen: list[Row] = []
     for row in candidates:
         if len(chosen) >= limit:
             break
@@ -387,7 +415,8 @@ def claim(dialect, conn, owner, now, limit, lease_until, concurrency):
     return _claims(dialect, conn, chosen)
 
 
-def claim_one(dialect, conn, owner, message_id, now, lease_until):
+def claim_one(dialect: Dialect, conn: Any, owner: str, message_id: str, now: float,
+              lease_until: float) -> Claim | None:
     row = fetchone(
         dialect, conn,
         f"""SELECT {_CLAIM_COLUMNS} FROM messages
@@ -406,7 +435,7 @@ def claim_one(dialect, conn, owner, message_id, now, lease_until):
     return _claims(dialect, conn, [row])[0]
 
 
-def read_body(dialect, conn, message_id):
+def read_body(dialect: Dialect, conn: Any, message_id: str) -> IO[bytes]:
     rows = fetchall(
         dialect, conn,
         "SELECT seq FROM bodies WHERE message_id = ? ORDER BY seq", (message_id,)
@@ -417,7 +446,7 @@ def read_body(dialect, conn, message_id):
             raise KeyError(message_id)
     out = tempfile.SpooledTemporaryFile(max_size=BODY_CHUNK * 2)
     for (seq,) in rows:
-        (data,) = fetchone(
+        (data,) = fetchrow(
             dialect, conn,
             "SELECT data FROM bodies WHERE message_id = ? AND seq = ?", (message_id, seq),
         )
@@ -426,7 +455,8 @@ def read_body(dialect, conn, message_id):
     return out
 
 
-def finish(dialect, conn, owner, message_id, transition):
+def finish(dialect: Dialect, conn: Any, owner: str, message_id: str,
+           transition: Transition) -> bool:
     """Write an attempt's outcome if ``owner`` still holds the lease."""
     row = fetchone(
         dialect, conn,
@@ -458,7 +488,8 @@ def finish(dialect, conn, owner, message_id, transition):
     return True
 
 
-def _write_recipient_results(dialect, conn, message_id, results):
+def _write_recipient_results(dialect: Dialect, conn: Any, message_id: str,
+                             results: dict[str, tuple[Any, str]]) -> None:
     rows = []
     for address, (result, detail) in results.items():
         status = {"sent": "sent", "permanent": "failed"}.get(str(result))
@@ -475,7 +506,8 @@ def _write_recipient_results(dialect, conn, message_id, results):
         )
 
 
-def renew_leases(dialect, conn, owner, now, lease_until, message_ids=None):
+def renew_leases(dialect: Dialect, conn: Any, owner: str, now: float, lease_until: float,
+                 message_ids: Sequence[str] | None = None) -> None:
     if message_ids is None:
         dialect.execute(
             conn,
@@ -497,7 +529,8 @@ def renew_leases(dialect, conn, owner, now, lease_until, message_ids=None):
     )
 
 
-def release(dialect, conn, owner, message_ids, now):
+def release(dialect: Dialect, conn: Any, owner: str, message_ids: Sequence[str],
+            now: float) -> None:
     if not message_ids:
         return
     marks = ",".join("?" * len(message_ids))
@@ -511,7 +544,7 @@ def release(dialect, conn, owner, message_ids, now):
     )
 
 
-def block_mailbox(dialect, conn, mailbox, until):
+def block_mailbox(dialect: Dialect, conn: Any, mailbox: str, until: float) -> None:
     dialect.execute(
         conn,
         """INSERT INTO mailboxes (mailbox, not_before) VALUES (?, ?)
@@ -522,7 +555,8 @@ def block_mailbox(dialect, conn, mailbox, until):
     )
 
 
-def register_instance(dialect, conn, instance_id, hostname, pid, now, version):
+def register_instance(dialect: Dialect, conn: Any, instance_id: str, hostname: str, pid: int,
+                      now: float, version: str) -> None:
     dialect.execute(
         conn,
         """INSERT INTO instances (id, hostname, pid, started_at, heartbeat_at, state, version)
@@ -531,14 +565,16 @@ def register_instance(dialect, conn, instance_id, hostname, pid, now, version):
     )
 
 
-def set_instance_state(dialect, conn, instance_id, state, now):
+def set_instance_state(dialect: Dialect, conn: Any, instance_id: str, state: str,
+                       now: float) -> None:
     dialect.execute(
         conn, "UPDATE instances SET state = ?, heartbeat_at = ? WHERE id = ?",
         (state, now, instance_id),
     )
 
 
-def recover(dialect, conn, hostname, alive, now):
+def recover(dialect: Dialect, conn: Any, hostname: str, alive: Callable[[int, str], bool],
+            now: float) -> list[str]:
     """Expire the leases of instances on this host whose process is gone."""
     dead = [
         instance_id for instance_id, pid in fetchall(
@@ -560,7 +596,7 @@ def recover(dialect, conn, hostname, alive, now):
     return dead
 
 
-def purge(dialect, conn, before):
+def purge(dialect: Dialect, conn: Any, before: float) -> int:
     ids = [r[0] for r in fetchall(
         dialect, conn,
         """SELECT id FROM messages WHERE status IN ('sent', 'failed') AND finished_at < ?
@@ -583,8 +619,9 @@ def purge(dialect, conn, before):
 # the admin side
 
 
-def stats(dialect, conn, now):
-    counts = dict(fetchall(dialect, conn, "SELECT status, COUNT(*) FROM messages GROUP BY status"))
+def stats(dialect: Dialect, conn: Any, now: float) -> Stats:
+    counts: dict[str, int] = dict(fetchall(
+        dialect, conn, "SELECT status, COUNT(*) FROM messages GROUP BY status"))
     last = fetchone(
         dialect, conn,
         """SELECT detail, at, message_id FROM attempts
@@ -595,47 +632,19 @@ def stats(dialect, conn, now):
         dialect, conn,
         "SELECT MIN(received_at) FROM messages WHERE status IN ('queued', 'deferred', 'active')",
     )
-    return {
-        "received": sum(counts.values()),
-        "sent": counts.get("sent", 0),
-        "failed": counts.get("failed", 0),
-        "queued": counts.get("queued", 0),
-        "deferred": counts.get("deferred", 0),
-        "active": counts.get("active", 0),
-        "last_error": (
-            {"message": last[0], "at": last[1], "delivery_id": last[2]} if last else None
-        ),
-        "oldest_pending_at": oldest[0] if oldest else None,
-    }
+    return Stats(
+        received=sum(counts.values()),
+        sent=counts.get("sent", 0),
+        failed=counts.get("failed", 0),
+        queued=counts.get("queued", 0),
+        deferred=counts.get("deferred", 0),
+        active=counts.get("active", 0),
+        last_error=LastError(message=last[0], at=last[1], delivery_id=last[2]) if last else None,
+        oldest_pending_at=oldest[0] if oldest else None,
+    )
 
 
-@attr.frozen
-class DeliveryQuery:
-    status: str | None = None
-    sender: str | None = None
-    recipient: str | None = None
-    q: str | None = None
-    since: float | None = None
-    until: float | None = None
-    limit: int = 50
-    cursor: str | None = None
-
-
-def encode_cursor(message_id):
-    return base64.urlsafe_b64encode(message_id.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor):
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-    except Exception:
-        raise ValueError("not a cursor from this API") from None
-    if not text.isalnum() or len(text) > 64:
-        raise ValueError("not a cursor from this API")
-    return text
-
-
-def _like(text):
+def _like(text: str) -> str:
     escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
 
@@ -645,41 +654,23 @@ _DELIVERY_COLUMNS = """id, received_at, finished_at, status, sender, original_se
     client_address, auth_user, provider_id, mode, helo"""
 
 
-def _delivery_row(row, recipients, provider_type):
+def _delivery_row(row: Row, recipients: list[RecipientRow],
+                  attempts: tuple[AttemptRow, ...] | None = None) -> DeliveryRow:
     (mid, received_at, finished_at, status, sender, original_sender, mailbox, header_from,
      subject, message_id, size, attempts_count, next_attempt_at, error, client_address,
      auth_user, provider_id, mode, helo) = row
-    return {
-        "id": mid,
-        "received_at": received_at,
-        "finished_at": finished_at,
-        "status": "queued" if status == "active" else status,
-        "state": status,
-        "sender": sender,
-        "original_sender": original_sender,
-        "mailbox": mailbox,
-        "recipients": [r[0] for r in recipients],
-        "recipient_status": [
-            {"address": r[0], "status": r[1], "detail": r[2]} for r in recipients
-        ],
-        "header_from": header_from,
-        "subject": subject,
-        "message_id": message_id,
-        "size": size,
-        "provider": provider_type,
-        "attempts_count": attempts_count,
-        "next_attempt_at": next_attempt_at if status in ("queued", "deferred") else None,
-        "error": error,
-        "client_address": client_address,
-        "auth_user": auth_user,
-        "provider_id": provider_id,
-        "mode": mode,
-        "helo": helo,
-    }
+    return DeliveryRow(
+        id=mid, status=Status(status), received_at=received_at, finished_at=finished_at,
+        sender=sender, original_sender=original_sender, mailbox=mailbox,
+        header_from=header_from, subject=subject, message_id=message_id, size=size,
+        attempts_count=attempts_count, next_attempt_at=next_attempt_at, error=error,
+        client_address=client_address, auth_user=auth_user, provider_id=provider_id,
+        mode=mode, helo=helo, recipients=tuple(recipients), attempts=attempts,
+    )
 
 
-def _recipients_of(dialect, conn, ids):
-    out = {i: [] for i in ids}
+def _recipients_of(dialect: Dialect, conn: Any, ids: list[str]) -> dict[str, list[RecipientRow]]:
+    out: dict[str, list[RecipientRow]] = {i: [] for i in ids}
     if not ids:
         return out
     marks = ",".join("?" * len(ids))
@@ -689,29 +680,31 @@ def _recipients_of(dialect, conn, ids):
             WHERE message_id IN ({marks}) ORDER BY message_id, position""",
         tuple(ids),
     ):
-        out[mid].append((address, status, detail))
+        out[mid].append(RecipientRow(address=address, status=status, detail=detail))
     return out
 
 
-def deliveries(dialect, conn, query, provider_type):
-    where, params = [], []
+def _delivery_filters(query: DeliveryQuery) -> tuple[list[str], list[Any]]:
+    """The WHERE terms of ``query`` and their parameters, in order."""
+    where: list[str] = []
+    params: list[Any] = []
     if query.status:
         if query.status == "queued":
             where.append("status IN ('queued', 'active')")
         else:
             where.append("status = ?")
             params.append(query.status)
-    if query.sender:
-        where.append("(LOWER(sender) LIKE ? ESCAPE '\\' OR LOWER(original_sender) LIKE ? ESCAPE '\\')")
-        params += [_like(query.sender)] * 2
-    if query.recipient:
-        where.append(
-            "id IN (SELECT message_id FROM recipients WHERE LOWER(address) LIKE ? ESCAPE '\\')"
-        )
-        params.append(_like(query.recipient))
-    if query.q:
-        where.append("(LOWER(subject) LIKE ? ESCAPE '\\' OR LOWER(message_id) LIKE ? ESCAPE '\\')")
-        params += [_like(query.q)] * 2
+    for text, term in (
+        (query.sender,
+         "(LOWER(sender) LIKE ? ESCAPE '\\' OR LOWER(original_sender) LIKE ? ESCAPE '\\')"),
+        (query.recipient,
+         "id IN (SELECT message_id FROM recipients WHERE LOWER(address) LIKE ? ESCAPE '\\')"),
+        (query.q,
+         "(LOWER(subject) LIKE ? ESCAPE '\\' OR LOWER(message_id) LIKE ? ESCAPE '\\')"),
+    ):
+        if text:
+            where.append(term)
+            params += [_like(text)] * term.count("?")
     if query.since is not None:
         where.append("received_at >= ?")
         params.append(query.since)
@@ -721,6 +714,11 @@ def deliveries(dialect, conn, query, provider_type):
     if query.cursor:
         where.append("id < ?")
         params.append(decode_cursor(query.cursor))
+    return where, params
+
+
+def deliveries(dialect: Dialect, conn: Any, query: DeliveryQuery) -> DeliveryPage:
+    where, params = _delivery_filters(query)
     sql = f"SELECT {_DELIVERY_COLUMNS} FROM messages"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -730,32 +728,32 @@ def deliveries(dialect, conn, query, provider_type):
     more = len(rows) > query.limit
     rows = rows[: query.limit]
     recipients = _recipients_of(dialect, conn, [r[0] for r in rows])
-    items = [_delivery_row(r, recipients[r[0]], provider_type) for r in rows]
-    return items, (encode_cursor(rows[-1][0]) if more and rows else None)
+    return DeliveryPage(
+        items=tuple(_delivery_row(r, recipients[r[0]]) for r in rows),
+        next_cursor=encode_cursor(rows[-1][0]) if more and rows else None,
+    )
 
 
-def delivery(dialect, conn, message_id, provider_type):
+def delivery(dialect: Dialect, conn: Any, message_id: str) -> DeliveryRow | None:
     row = fetchone(
         dialect, conn, f"SELECT {_DELIVERY_COLUMNS} FROM messages WHERE id = ?", (message_id,)
     )
     if row is None:
         return None
-    item = _delivery_row(row, _recipients_of(dialect, conn, [message_id])[message_id],
-                         provider_type)
-    item["attempts"] = [
-        {"at": at, "outcome": outcome, "detail": detail, "duration_ms": duration_ms,
-         "instance": instance}
+    attempts = tuple(
+        AttemptRow(at=at, outcome=outcome, detail=detail, duration_ms=duration_ms,
+                   instance=instance)
         for at, outcome, detail, duration_ms, instance in fetchall(
             dialect, conn,
             """SELECT at, outcome, detail, duration_ms, instance FROM attempts
                WHERE message_id = ? ORDER BY at""",
             (message_id,),
         )
-    ]
-    return item
+    )
+    return _delivery_row(row, _recipients_of(dialect, conn, [message_id])[message_id], attempts)
 
 
-def requeue(dialect, conn, message_id, now):
+def requeue(dialect: Dialect, conn: Any, message_id: str, now: float) -> str | None:
     row = fetchone(
         dialect, conn, f"SELECT status FROM messages WHERE id = ?{dialect.for_update()}",
         (message_id,),
@@ -791,7 +789,7 @@ def requeue(dialect, conn, message_id, now):
     return status
 
 
-def cancel(dialect, conn, message_id, now, detail):
+def cancel(dialect: Dialect, conn: Any, message_id: str, now: float, detail: str) -> str | None:
     row = fetchone(
         dialect, conn, f"SELECT status FROM messages WHERE id = ?{dialect.for_update()}",
         (message_id,),
@@ -804,7 +802,8 @@ def cancel(dialect, conn, message_id, now, detail):
                          "cannot be cancelled")
     dialect.execute(
         conn,
-        "UPDATE recipients SET status = 'failed', detail = ? WHERE message_id = ? AND status = 'pending'",
+        "UPDATE recipients SET status = 'failed', detail = ? "
+        "WHERE message_id = ? AND status = 'pending'",
         (detail, message_id),
     )
     dialect.execute(
@@ -822,16 +821,16 @@ def cancel(dialect, conn, message_id, now, detail):
     return status
 
 
-def instances(dialect, conn, now):
+def instances(dialect: Dialect, conn: Any, now: float) -> list[InstanceRow]:
     """Every instance that used this database, newest first.  ``heartbeat_at``
     moves at each lease renewal (a third of ``delivery.lease``): a "running"
     instance whose heartbeat is older than the lease was killed without
     stopping (its messages are taken over by the others when its leases expire)."""
     return [
-        {"id": r[0], "hostname": r[1], "pid": r[2], "started_at": r[3],
-         "heartbeat_at": r[4], "state": r[5], "version": r[6],
-         "uptime_seconds": max(0.0, (now if r[5] == "running" else r[4]) - r[3]),
-         "heartbeat_age_seconds": max(0.0, now - r[4])}
+        InstanceRow(id=r[0], hostname=r[1], pid=r[2], started_at=r[3], heartbeat_at=r[4],
+                    state=r[5], version=r[6],
+                    uptime_seconds=max(0.0, (now if r[5] == "running" else r[4]) - r[3]),
+                    heartbeat_age_seconds=max(0.0, now - r[4]))
         for r in fetchall(
             dialect, conn,
             """SELECT id, hostname, pid, started_at, heartbeat_at, state, version
@@ -840,7 +839,7 @@ def instances(dialect, conn, now):
     ]
 
 
-def new_instance_id(hostname, pid):
+def new_instance_id(hostname: str, pid: int) -> str:
     return f"{hostname}/{pid}/{os.urandom(4).hex()}"
 
 
@@ -855,23 +854,24 @@ _RECIPIENT_COLUMNS = "message_id, position, address, status, detail"
 _ATTEMPT_COLUMNS = "message_id, at, outcome, detail, duration_ms, instance"
 
 
-def count_messages(dialect, conn):
-    return fetchone(dialect, conn, "SELECT COUNT(*) FROM messages")[0]
+def count_messages(dialect: Dialect, conn: Any) -> int:
+    return int(fetchrow(dialect, conn, "SELECT COUNT(*) FROM messages")[0])
 
 
-def running_instances(dialect, conn):
+def running_instances(dialect: Dialect, conn: Any) -> list[Row]:
     """-> [(id, heartbeat_at)] of the instances that say they are running."""
     return fetchall(dialect, conn,
                     "SELECT id, heartbeat_at FROM instances WHERE state = 'running'")
 
 
-def _insert(dialect, conn, table, columns, rows):
+def _insert(dialect: Dialect, conn: Any, table: str, columns: str, rows: Sequence[Row]) -> None:
     if rows:
         marks = ", ".join("?" * len(columns.split(",")))
         dialect.executemany(conn, f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
 
 
-def copy_store(src, src_conn, dst, dst_conn, page=500):
+def copy_store(src: Dialect, src_conn: Any, dst: Dialect, dst_conn: Any,
+               page: int = 500) -> dict[str, int]:
     """Copy messages, recipients, bodies, attempts and mailbox blocks from one
     store's database to another's, in the caller's transactions -> counts.
 
@@ -906,11 +906,12 @@ def copy_store(src, src_conn, dst, dst_conn, page=500):
         marks = ",".join("?" * len(ids))
         released = []
         for r in rows:
-            r = dict(zip(_MESSAGE_COLUMN_NAMES, r))
-            if r["status"] == str(Status.ACTIVE):
-                r["status"] = str(Status.DEFERRED if r["attempts_count"] else Status.QUEUED)
-                r["lease_owner"] = r["lease_until"] = None
-            released.append(tuple(r.values()))
+            named = dict(zip(_MESSAGE_COLUMN_NAMES, r))
+            if named["status"] == str(Status.ACTIVE):
+                named["status"] = str(Status.DEFERRED if named["attempts_count"]
+                                      else Status.QUEUED)
+                named["lease_owner"] = named["lease_until"] = None
+            released.append(tuple(named.values()))
         _insert(dst, dst_conn, "messages", _MESSAGE_COLUMNS, released)
         for table, columns, key, counter in (
                 ("recipients", _RECIPIENT_COLUMNS, "position", "recipients"),
@@ -927,7 +928,7 @@ def copy_store(src, src_conn, dst, dst_conn, page=500):
             for (seq,) in fetchall(
                     src, src_conn,
                     "SELECT seq FROM bodies WHERE message_id = ? ORDER BY seq", (message_id,)):
-                (data,) = fetchone(
+                (data,) = fetchrow(
                     src, src_conn,
                     "SELECT data FROM bodies WHERE message_id = ? AND seq = ?", (message_id, seq))
                 data = src.from_blob(data)

@@ -15,60 +15,73 @@ its callers must hear (a 451 for an accept), and the next batch reconnects.
 Readers retry a read once on a new connection (reads change nothing).
 """
 
+from __future__ import annotations
+
 import queue
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+if TYPE_CHECKING:
+    from smtprelay.store._sql import Dialect
+
 _STOP = object()
+
+Op = Callable[[Any], Any]  # a write or a read: fn(connection) -> result
+Result = tuple["Deferred[Any]", bool, Any]  # (whose, succeeded, value or Failure)
 
 
 class Writer:
     """The one thread that writes; ``submit(fn)`` -> Deferred fired after commit."""
 
-    def __init__(self, reactor, connect, dialect, name="smtprelay-db-writer", max_batch=256,
-                 reconnect_delay=1.0):
+    def __init__(self, reactor: IReactorFromThreads, connect: Callable[[], Any],
+                 dialect: Dialect, name: str = "smtprelay-db-writer", max_batch: int = 256,
+                 reconnect_delay: float = 1.0) -> None:
         self._reactor = reactor
         self._connect = connect
         self._dialect = dialect
-        self._queue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Any, Deferred[Any] | None]] = queue.SimpleQueue()
         self._max_batch = max_batch
         self._reconnect_delay = reconnect_delay
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._stopped = defer.Deferred()
-        self._started = defer.Deferred()
-        self._conn = None
-        self._connect_error = None  # why the last connection attempt failed
+        self._stopped: Deferred[None] = defer.Deferred()
+        self._started: Deferred[None] = defer.Deferred()
+        self._conn: Any = None
+        self._connect_error: Exception | None = None  # why the last connection attempt failed
         self._connect_after = 0.0  # monotonic time before which no new attempt is made
         self.batches = 0
         self.ops = 0
         self.reconnects = 0
 
-    def start(self):
+    def start(self) -> Deferred[None]:
         self._thread.start()
         return self._started
 
-    def submit(self, fn):
-        d = defer.Deferred()
+    def submit(self, fn: Op) -> Deferred[Any]:
+        d: Deferred[Any] = defer.Deferred()
         self._queue.put((fn, d))
         return d
 
-    def stop(self):
+    def stop(self) -> Deferred[None]:
         self._queue.put((_STOP, None))
         return self._stopped
 
     @staticmethod
-    def _fire(results):
+    def _fire(results: list[Result]) -> None:
         for d, ok, value in results:
             if ok:
                 d.callback(value)
             else:
                 d.errback(value)
 
-    def _run(self):
+    def _run(self) -> None:
         try:
             # the first connection must work: a wrong URL ends start-up, clearly
             self._conn = self._connect()
@@ -87,9 +100,9 @@ class Writer:
                         batch.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                ops = []
+                ops: list[tuple[Op, Deferred[Any]]] = []
                 for fn, d in batch:
-                    if fn is _STOP:
+                    if fn is _STOP or d is None:
                         stopping = True
                     else:
                         ops.append((fn, d))
@@ -101,7 +114,7 @@ class Writer:
 
     # -- the connection -------------------------------------------------------------
 
-    def _open(self):
+    def _open(self) -> Any:
         """The connection, opening a new one after a loss (at most one attempt
         per ``reconnect_delay``, so that a database that is down fails the
         writes queued meanwhile at once instead of each waiting for a timeout)."""
@@ -119,7 +132,7 @@ class Writer:
         self.reconnects += 1
         return self._conn
 
-    def _drop(self):
+    def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -127,7 +140,7 @@ class Writer:
             except Exception:
                 pass
 
-    def _begin(self):
+    def _begin(self) -> Any:
         dialect = self._dialect
         conn = self._open()
         try:
@@ -145,7 +158,7 @@ class Writer:
 
     # -- one batch ----------------------------------------------------------------------
 
-    def _run_batch(self, ops):
+    def _run_batch(self, ops: list[tuple[Op, Deferred[Any]]]) -> None:
         dialect = self._dialect
         try:
             conn = self._begin()
@@ -155,8 +168,8 @@ class Writer:
                 self._reset(self._conn)
             self._deliver([(d, False, f) for _, d in ops])
             return
-        results = []
-        lost = None  # the failure that took the whole transaction with it
+        results: list[Result] = []
+        lost: Failure | None = None  # the failure that took the whole transaction with it
         for i, (fn, d) in enumerate(ops):
             if lost is not None:
                 results.append((d, False, lost))
@@ -193,7 +206,7 @@ class Writer:
         self.ops += len(ops)
         self._deliver(results)
 
-    def _reset(self, conn):
+    def _reset(self, conn: Any) -> None:
         try:
             self._dialect.rollback(conn)
         except BaseException:
@@ -202,7 +215,7 @@ class Writer:
             # the next batch connects anew
             self._drop()
 
-    def _deliver(self, results):
+    def _deliver(self, results: list[Result]) -> None:
         # one wake-up of the reactor per commit, not one per write
         self._reactor.callFromThread(self._fire, results)
 
@@ -210,19 +223,20 @@ class Writer:
 class Readers:
     """A few threads, each with its own connection, for read-only queries."""
 
-    def __init__(self, reactor, connect, size=2, name="smtprelay-db-reader", dialect=None):
+    def __init__(self, reactor: IReactorFromThreads, connect: Callable[[], Any], size: int = 2,
+                 name: str = "smtprelay-db-reader", dialect: Dialect | None = None) -> None:
         self._reactor = reactor
         self._connect = connect
         self._dialect = dialect
         self._pool = ThreadPool(minthreads=1, maxthreads=size, name=name)
         self._local = threading.local()
-        self._conns = []
+        self._conns: list[Any] = []
         self._lock = threading.Lock()
 
-    def start(self):
+    def start(self) -> None:
         self._pool.start()
 
-    def _conn(self):
+    def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
@@ -231,7 +245,7 @@ class Readers:
                 self._conns.append(conn)
         return conn
 
-    def _discard(self, conn):
+    def _discard(self, conn: Any) -> None:
         self._local.conn = None
         with self._lock:
             if conn in self._conns:
@@ -241,11 +255,11 @@ class Readers:
         except Exception:
             pass
 
-    def _broken(self, conn):
+    def _broken(self, conn: Any) -> bool:
         # without a dialect to ask, any failure may have broken the connection
         return True if self._dialect is None else self._dialect.is_broken(conn)
 
-    def _call(self, fn):
+    def _call(self, fn: Op) -> Any:
         for retry in (True, False):
             conn = self._conn()
             try:
@@ -265,12 +279,12 @@ class Readers:
                 except Exception:
                     pass
 
-    def run(self, fn):
+    def run(self, fn: Op) -> Deferred[Any]:
         from twisted.internet.threads import deferToThreadPool
 
         return deferToThreadPool(self._reactor, self._pool, self._call, fn)
 
-    def stop(self):
+    def stop(self) -> None:
         self._pool.stop()
         with self._lock:
             for conn in self._conns:

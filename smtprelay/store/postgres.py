@@ -21,11 +21,15 @@ What makes several instances safe on one database:
 - a write is answered (a 250 for an accept) only after ``COMMIT`` returned.
 """
 
+from __future__ import annotations
+
 import functools
+from typing import Any
 
 import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
+from twisted.internet.interfaces import IReactorFromThreads
 
 from smtprelay.store._base import ThreadedSQLStore
 from smtprelay.store._sql import Dialect
@@ -49,7 +53,7 @@ _DEFAULTS = {
 
 
 @functools.lru_cache(maxsize=1024)
-def _placeholders(statement):
+def _placeholders(statement: str) -> str:
     # psycopg reads "%" as the start of a placeholder: a literal one is doubled
     return statement.replace("%", "%%").replace("?", "%s")
 
@@ -58,57 +62,57 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     blob = "BYTEA"
 
-    def sql(self, statement):
+    def sql(self, statement: str) -> str:
         return _placeholders(statement)
 
-    def begin_write(self, conn):
+    def begin_write(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute("BEGIN")
 
-    def begin_read(self, conn):
+    def begin_read(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
 
-    def commit(self, conn):
+    def commit(self, conn: psycopg.Connection[Any]) -> None:
         cur = conn.execute("COMMIT")
         if cur.statusmessage != "COMMIT":
             # COMMIT of a transaction in error answers ROLLBACK instead of failing
             raise psycopg.OperationalError(f"the transaction was rolled back "
                                            f"({cur.statusmessage})")
 
-    def rollback(self, conn):
+    def rollback(self, conn: psycopg.Connection[Any]) -> None:
         if self.in_transaction(conn):
             conn.execute("ROLLBACK")
 
-    def in_transaction(self, conn):
+    def in_transaction(self, conn: psycopg.Connection[Any]) -> bool:
         return not self.is_broken(conn) and conn.info.transaction_status in (
             pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 
-    def is_broken(self, conn):
+    def is_broken(self, conn: psycopg.Connection[Any]) -> bool:
         return conn.closed or conn.broken
 
-    def from_blob(self, value):
+    def from_blob(self, value: Any) -> bytes:
         return bytes(value)
 
-    def lock_schema(self, conn):
+    def lock_schema(self, conn: psycopg.Connection[Any]) -> None:
         self.execute(conn, "SELECT pg_advisory_xact_lock(?, ?)", (_LOCK_SPACE, _SCHEMA_LOCK))
 
-    def lock_claims(self, conn):
+    def lock_claims(self, conn: psycopg.Connection[Any]) -> None:
         self.execute(conn, "SELECT pg_advisory_xact_lock(?, ?)", (_LOCK_SPACE, _CLAIM_LOCK))
 
-    def for_update(self, skip_locked=False):
+    def for_update(self, skip_locked: bool = False) -> str:
         return " FOR UPDATE SKIP LOCKED" if skip_locked else " FOR UPDATE"
 
 
-def connect(url, application_name="smtprelay"):
+def connect(url: str, application_name: str = "smtprelay") -> psycopg.Connection[Any]:
     """A new connection to ``url`` (blocking), in autocommit mode: the writer
     says BEGIN and COMMIT itself, and each read is its own statement."""
-    params = dict(_DEFAULTS, application_name=application_name[:63])
+    params: dict[str, Any] = dict(_DEFAULTS, application_name=application_name[:63])
     params.update(conninfo_to_dict(url))
     return psycopg.connect(autocommit=True, **params)
 
 
-def describe(url):
+def describe(url: str) -> str:
     """``url`` without its password, for messages."""
-    params = conninfo_to_dict(url)
+    params: dict[str, Any] = conninfo_to_dict(url)
     user = params.get("user", "")
     host = params.get("host", "localhost")
     port = params.get("port", "5432")
@@ -118,13 +122,14 @@ def describe(url):
 class PostgresStore(ThreadedSQLStore):
     dialect = PostgresDialect()
 
-    def __init__(self, url, reactor, provider_type="", hostname=None):
-        super().__init__(reactor, provider_type=provider_type, hostname=hostname)
+    def __init__(self, url: str, reactor: IReactorFromThreads,
+                 hostname: str | None = None) -> None:
+        super().__init__(reactor, hostname=hostname)
         self.url = url
 
-    def prepare(self):
+    def prepare(self) -> None:
         conninfo_to_dict(self.url)  # a malformed URL fails start-up here, clearly
 
-    def connect(self):
+    def connect(self) -> psycopg.Connection[Any]:
         # the instance id in pg_stat_activity tells an operator whose sessions are whose
         return connect(self.url, application_name=f"smtprelay {self.instance_id}")

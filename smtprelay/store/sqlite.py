@@ -7,8 +7,12 @@ write lock: claims, and migrations of several stores opening one file at
 once, are serialised by it without any further locking.
 """
 
+from __future__ import annotations
+
 import os
 import sqlite3
+
+from twisted.internet.interfaces import IReactorFromThreads
 
 from smtprelay.store._base import ThreadedSQLStore
 from smtprelay.store._sql import Dialect
@@ -18,21 +22,21 @@ class SQLiteDialect(Dialect):
     name = "sqlite"
     blob = "BLOB"
 
-    def begin_write(self, conn):
+    def begin_write(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
 
-    def commit(self, conn):
+    def commit(self, conn: sqlite3.Connection) -> None:
         conn.execute("COMMIT")
 
-    def rollback(self, conn):
+    def rollback(self, conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
 
-    def in_transaction(self, conn):
+    def in_transaction(self, conn: sqlite3.Connection) -> bool:
         return conn.in_transaction
 
 
-def connect(path):
+def connect(path: str) -> sqlite3.Connection:
     """A configured connection to the database file ``path`` (blocking)."""
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -42,7 +46,7 @@ def connect(path):
     return conn
 
 
-def prepare(path):
+def prepare(path: str) -> None:
     """Make the folder that holds the database file (blocking)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -51,12 +55,13 @@ def prepare(path):
 class SQLiteStore(ThreadedSQLStore):
     dialect = SQLiteDialect()
 
-    def __init__(self, path, reactor, provider_type="", hostname=None):
-        super().__init__(reactor, provider_type=provider_type, hostname=hostname)
+    def __init__(self, path: str, reactor: IReactorFromThreads,
+                 hostname: str | None = None) -> None:
+        super().__init__(reactor, hostname=hostname)
         self.path = path
 
-    def prepare(self):
+    def prepare(self) -> None:
         prepare(self.path)
 
-    def connect(self):
+    def connect(self) -> sqlite3.Connection:
         return connect(self.path)

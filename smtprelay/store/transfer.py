@@ -19,7 +19,11 @@ goes back).  It owns the procedure, not the SQL (``_sql.copy_store``):
 It is a command-line tool: it blocks, and no reactor is running.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Callable
+from typing import Any
 
 from smtprelay.store import _sql
 
@@ -30,11 +34,11 @@ class TransferError(Exception):
     """The copy cannot be made; the message says why, in one sentence."""
 
 
-def _is_postgres(url):
+def _is_postgres(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
-def describe(url):
+def describe(url: str) -> str:
     """``url`` without a password."""
     if _is_postgres(url):
         from smtprelay.store import postgres
@@ -43,7 +47,7 @@ def describe(url):
     return url
 
 
-def _open(url, role):
+def _open(url: str, role: str) -> tuple[_sql.Dialect, Any]:
     """-> (dialect, connection) for a store URL."""
     if url.startswith("sqlite:///"):
         from smtprelay.store import sqlite
@@ -61,17 +65,20 @@ def _open(url, role):
             return postgres.PostgresStore.dialect, postgres.connect(
                 url, application_name=f"smtprelay migrate-store {role}")
         except Exception as e:
-            raise TransferError(f"{describe(url)}: cannot connect: {' '.join(str(e).split())}")
+            raise TransferError(
+                f"{describe(url)}: cannot connect: {' '.join(str(e).split())}") from None
     raise TransferError(f'{url}: a store URL starts with "sqlite:///" or "postgresql://"')
 
 
-def _same(a, b):
+def _same(a: str, b: str) -> bool:
     if a.startswith("sqlite:///") and b.startswith("sqlite:///"):
         return os.path.realpath(a[len("sqlite:///"):]) == os.path.realpath(b[len("sqlite:///"):])
     return a == b
 
 
-def transfer(source_url, destination_url, force=False, now=None, warn=None):
+def transfer(source_url: str, destination_url: str, force: bool = False,
+             now: float | None = None,
+             warn: Callable[[str], object] | None = None) -> dict[str, int]:
     """Copy the store at ``source_url`` into ``destination_url`` -> counts (see
     ``_sql.copy_store``).  Raises TransferError when refused or impossible."""
     import time
@@ -119,11 +126,11 @@ def transfer(source_url, destination_url, force=False, now=None, warn=None):
     return counts
 
 
-def _n(count, noun):
+def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def summary(counts, source_url, destination_url):
+def summary(counts: dict[str, int], source_url: str, destination_url: str) -> str:
     """One line for the command's output."""
     mb = counts["body_bytes"] / 1e6
     line = (f"copied {_n(counts['messages'], 'message')} "
