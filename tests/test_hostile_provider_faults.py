@@ -414,7 +414,7 @@ def test_m365_a_storm_of_400s_fails_at_once_with_the_reason(m365_world):
 # ============================================================================ gmail
 
 from tests.fakes.google_accounts import GMAIL_SEND, ServiceAccountKey  # noqa: E402
-from tests.test_e2e_gmail import FakeGoogleProcess  # noqa: E402
+from tests.gmail_support import FakeGoogleProcess  # noqa: E402
 
 GMAIL_SENDER = "app@example.com"
 GMAIL_TO = "alice@example.org"
