@@ -9,14 +9,17 @@ and the delivery log between SQLite and PostgreSQL (``store/transfer.py``)
 and prints what it copied; it exits 1 with one line when it cannot.
 """
 
+from __future__ import annotations
+
 import argparse
 import getpass
 import sys
+from collections.abc import Sequence
 
 from smtprelay import __version__
 
 
-def _check_config(args):
+def _check_config(args: argparse.Namespace) -> int:
     from smtprelay import config as configuration
 
     try:
@@ -31,7 +34,7 @@ def _check_config(args):
     return 0
 
 
-def _hash_password(args):
+def _hash_password(args: argparse.Namespace) -> int:
     from smtprelay.passwords import hash_password
 
     if sys.stdin.isatty():
@@ -49,10 +52,10 @@ def _hash_password(args):
     return 0
 
 
-def _migrate_store(args):
+def _migrate_store(args: argparse.Namespace) -> int:
     from smtprelay.store import transfer
 
-    def warn(line):
+    def warn(line: str) -> None:
         print(line, file=sys.stderr)
 
     try:
@@ -64,7 +67,7 @@ def _migrate_store(args):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="smtprelay", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"smtprelay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -6,6 +6,8 @@ with the original kept as ``Reply-To:``.  Everything else here only reads:
 the From addresses, Subject and Message-ID for policy and the delivery log.
 """
 
+from __future__ import annotations
+
 import email.header
 import email.utils
 import re
@@ -17,7 +19,7 @@ _HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 MAX_HEADER_BLOCK = 1 << 20  # the header block we parse; beyond it, the rest is body
 
 
-def split_header_block(data):
+def split_header_block(data: bytes) -> int | None:
     """Index just past the blank line that ends the header block of ``data``,
     or None when ``data`` holds no complete header block."""
     if data.startswith(b"\r\n"):
@@ -26,9 +28,9 @@ def split_header_block(data):
     return None if i < 0 else i + 4
 
 
-def parse_headers(block):
+def parse_headers(block: bytes) -> list[tuple[str, bytes]]:
     """[(name_lower_str, raw_value_bytes)] from a header block (unfolded)."""
-    headers = []
+    headers: list[tuple[str, bytes]] = []
     for line in block.split(b"\r\n"):
         if not line:
             break
@@ -46,7 +48,7 @@ def parse_headers(block):
     return headers
 
 
-def _text(value):
+def _text(value: bytes) -> str:
     """Decode RFC 2047 words; 8-bit bytes as UTF-8 or, failing that, Latin-1."""
     try:
         raw = value.decode("utf-8")
@@ -56,7 +58,7 @@ def _text(value):
         parts = email.header.decode_header(raw)
     except Exception:
         return raw
-    out = []
+    out: list[str] = []
     for text, charset in parts:
         if isinstance(text, bytes):
             try:
@@ -69,7 +71,7 @@ def _text(value):
 
 @attr.frozen
 class HeaderSummary:
-    from_addresses: tuple  # lower-cased addr-specs in From:
+    from_addresses: tuple[str, ...]  # lower-cased addr-specs in From:
     from_display: str  # the From header as text, for the log
     subject: str
     message_id: str
@@ -77,10 +79,11 @@ class HeaderSummary:
     from_parse_error: bool = False
 
 
-def summarize(block):
+def summarize(block: bytes) -> HeaderSummary:
     headers = parse_headers(block)
     from_values = [v for n, v in headers if n == "from"]
-    addresses, error = [], False
+    addresses: list[str] = []
+    error = False
     for value in from_values:
         text = _text(value)
         pairs = email.utils.getaddresses([text])
@@ -101,11 +104,13 @@ def summarize(block):
     )
 
 
-def rewrite_from(block, new_from):
+def rewrite_from(block: bytes, new_from: str) -> bytes:
     """The header block with every From: replaced by ``new_from`` and the
     original From kept as Reply-To: (unless the message has a Reply-To)."""
     lines = block.split(b"\r\n")
-    out, original, has_reply_to, skipping = [], [], False, False
+    out: list[bytes] = []
+    original: list[bytes] = []
+    has_reply_to, skipping = False, False
     for line in lines:
         if skipping and line[:1] in (b" ", b"\t"):
             original[-1] += b"\r\n" + line
@@ -133,7 +138,8 @@ def rewrite_from(block, new_from):
 _SAFE_HELO = re.compile(rb"[^\x21-\x7e]")
 
 
-def received_header(helo, client_ip, hostname, message_id, protocol, when=None):
+def received_header(helo: bytes | None, client_ip: str, hostname: str, message_id: str,
+                    protocol: str, when: float | None = None) -> bytes:
     """One Received: header (RFC 5321 4.4) without a ``for`` clause: naming a
     recipient there would show Bcc recipients to everyone."""
     helo_text = _SAFE_HELO.sub(b"", helo or b"")[:255].decode("ascii") or "unknown"
@@ -145,7 +151,7 @@ def received_header(helo, client_ip, hostname, message_id, protocol, when=None):
     ).encode("ascii")
 
 
-def smtp_protocol(esmtp, tls, authenticated):
+def smtp_protocol(esmtp: bool, tls: bool, authenticated: bool) -> str:
     """RFC 3848 'with' keyword."""
     if not esmtp:
         return "SMTP"

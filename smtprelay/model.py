@@ -6,6 +6,8 @@ what their own fields imply.
 provider answers; ``Attempt`` is one line of a delivery's history.
 """
 
+from __future__ import annotations
+
 import enum
 import os
 import time
@@ -22,14 +24,14 @@ class Status(str, enum.Enum):
     SENT = "sent"  # every recipient accepted
     FAILED = "failed"  # permanently failed, expired or cancelled
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.value
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
-def new_message_id(now=None):
+def new_message_id(now: float | None = None) -> str:
     """A 26-character ULID: time-ordered (milliseconds), then 80 random bits.
 
     Sorting ids sorts by acceptance time, which the delivery log's cursor
@@ -52,7 +54,7 @@ class Envelope:
     sender: str  # the envelope sender to send as ("" only without sender.default)
     original_sender: str  # MAIL FROM as received (before a rewrite)
     mailbox: str  # the sending mailbox the providers act as
-    recipients: tuple
+    recipients: tuple[str, ...]
     received_at: float
     size: int
     client_address: str = ""
@@ -72,7 +74,7 @@ class Claim:
     id: str
     sender: str
     mailbox: str
-    recipients: tuple  # those still pending: not yet sent, not failed
+    recipients: tuple[str, ...]  # those still pending: not yet sent, not failed
     age_from: float  # delivery.max_age counts from here (acceptance, or an admin's retry)
     size: int
     attempts: int  # attempts made before this one
@@ -84,7 +86,7 @@ class Result(str, enum.Enum):
     TEMPORARY = "temporary"
     PERMANENT = "permanent"
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.value
 
 
@@ -102,27 +104,30 @@ class Outcome:
 
     result: Result
     detail: str
-    recipients: dict = attr.field(factory=dict)
+    recipients: dict[str, tuple[Result, str]] = attr.field(factory=dict)
     not_before: float | None = None
     mailbox_wide: bool = False
     provider_id: str | None = None
     ambiguous: bool = False
 
     @classmethod
-    def sent(cls, detail="sent", provider_id=None, recipients=None):
+    def sent(cls, detail: str = "sent", provider_id: str | None = None,
+             recipients: dict[str, tuple[Result, str]] | None = None) -> Outcome:
         return cls(Result.SENT, detail, recipients or {}, provider_id=provider_id)
 
     @classmethod
-    def temporary(cls, detail, not_before=None, mailbox_wide=False, ambiguous=False,
-                  recipients=None):
+    def temporary(cls, detail: str, not_before: float | None = None, mailbox_wide: bool = False,
+                  ambiguous: bool = False,
+                  recipients: dict[str, tuple[Result, str]] | None = None) -> Outcome:
         return cls(Result.TEMPORARY, detail, recipients or {}, not_before=not_before,
                    mailbox_wide=mailbox_wide, ambiguous=ambiguous)
 
     @classmethod
-    def permanent(cls, detail, recipients=None):
+    def permanent(cls, detail: str,
+                  recipients: dict[str, tuple[Result, str]] | None = None) -> Outcome:
         return cls(Result.PERMANENT, detail, recipients or {})
 
-    def result_for(self, address):
+    def result_for(self, address: str) -> tuple[Result, str]:
         return self.recipients.get(address, (self.result, self.detail))
 
 
@@ -142,6 +147,6 @@ class Transition:
     status: Status
     next_attempt_at: float | None
     attempt: Attempt
-    recipient_results: dict  # address -> (Result, detail) for this attempt
+    recipient_results: dict[str, tuple[Result, str]]  # address -> (Result, detail) for this attempt
     error: str | None = None
     provider_id: str | None = None

@@ -8,9 +8,12 @@ Sender patterns (``sender.allowed`` and a user's ``allowed``):
 - ``"*"``: any address (an extension, for trials and closed networks).
 """
 
+from __future__ import annotations
+
 import enum
 import ipaddress
 import re
+from collections.abc import Iterable, Sequence
 
 import attr
 
@@ -25,24 +28,24 @@ _MAILBOX = re.compile(rf"{_LOCAL}@{_DOMAIN}")
 _DOMAIN_RE = re.compile(_DOMAIN)
 
 
-def is_mailbox(address):
+def is_mailbox(address: str | bytes) -> bool:
     """True for ``local@domain`` as RFC 5321 allows it (str or bytes)."""
     if isinstance(address, bytes):
         address = address.decode("latin-1")
     return len(address) <= 320 and bool(_MAILBOX.fullmatch(address))
 
 
-def split_address(address):
+def split_address(address: str) -> tuple[str, str]:
     local, _, domain = address.rpartition("@")
     return local, domain.lower().rstrip(".")
 
 
 @attr.frozen
 class SenderPatterns:
-    patterns: tuple
+    patterns: tuple[tuple[str, str], ...]  # (kind, value): "any", "exact", "domain", "subdomain"
 
     @classmethod
-    def parse(cls, texts):
+    def parse(cls, texts: Iterable[str]) -> SenderPatterns:
         out = []
         for text in texts:
             t = text.strip()
@@ -51,7 +54,8 @@ class SenderPatterns:
             elif t.startswith("*."):
                 domain = t[2:]
                 if not _DOMAIN_RE.fullmatch(domain):
-                    raise ValueError(f'"{text}" is not a pattern: "*." must be followed by a domain')
+                    raise ValueError(
+                        f'"{text}" is not a pattern: "*." must be followed by a domain')
                 out.append(("subdomain", domain.lower()))
             elif t.startswith(("@", "*@")):
                 domain = t.split("@", 1)[1]
@@ -67,7 +71,7 @@ class SenderPatterns:
                 )
         return cls(tuple(out))
 
-    def matches(self, address):
+    def matches(self, address: str | None) -> bool:
         if not address or "@" not in address:
             return False
         local, domain = split_address(address)
@@ -91,10 +95,10 @@ class SenderPolicy:
     allowed: SenderPatterns
 
     @property
-    def unrestricted(self):
+    def unrestricted(self) -> bool:
         return not self.default and not self.allowed.patterns
 
-    def allows(self, address):
+    def allows(self, address: str | None) -> bool:
         if self.unrestricted:
             return True
         if self.default and address and address.lower() == self.default.lower():
@@ -115,13 +119,14 @@ class SenderDecision:
     reason: str = ""
 
 
-def decide_sender(address, relay, on_disallowed, user_allowed=None):
+def decide_sender(address: str, relay: SenderPolicy, on_disallowed: str,
+                  user_allowed: SenderPatterns | None = None) -> SenderDecision:
     """May ``address`` send?  ``relay``: SenderPolicy; ``user_allowed``: the
     authenticated user's own SenderPatterns, or None.  An empty ``address``
     (``MAIL FROM:<>``) is sent as the default, so only by a user who may send
     as the default."""
 
-    def permitted(a):
+    def permitted(a: str) -> bool:
         return relay.allows(a) and (user_allowed is None or user_allowed.matches(a))
 
     if not address:
@@ -138,7 +143,8 @@ def decide_sender(address, relay, on_disallowed, user_allowed=None):
     return SenderDecision(Verdict.REJECT, address, f"{address} is not an allowed sender")
 
 
-def network_allowed(host, networks):
+def network_allowed(host: str,
+                    networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     """Is the client address ``host`` inside one of ``networks`` (empty: any)?"""
     if not networks:
         return True
@@ -151,7 +157,7 @@ def network_allowed(host, networks):
     return any(ip in net for net in networks)
 
 
-def is_loopback(host):
+def is_loopback(host: str) -> bool:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

@@ -5,24 +5,29 @@ returns the :class:`~smtprelay.model.Transition` the store writes.  No I/O,
 no clock of its own.
 """
 
-from smtprelay.model import Attempt, Result, Status, Transition
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from smtprelay.model import Attempt, Claim, Outcome, Result, Status, Transition
 from smtprelay.units import format_duration
 
 
-def retry_wait(retry, attempts_made):
+def retry_wait(retry: Sequence[float], attempts_made: int) -> float:
     """The wait after the ``attempts_made``-th failed attempt (1-based); the
     last entry of ``retry`` repeats."""
     return retry[min(max(attempts_made, 1), len(retry)) - 1]
 
 
-def _summary(results):
+def _summary(results: Mapping[str, tuple[Result, str]]) -> str:
     parts = []
-    for address, (result, detail) in results.items():
+    for address, (_result, detail) in results.items():
         parts.append(f"{address}: {detail}")
     return "; ".join(parts)
 
 
-def decide(claim, outcome, now, retry, max_age, duration_ms=0, instance=""):
+def decide(claim: Claim, outcome: Outcome, now: float, retry: Sequence[float], max_age: float,
+           duration_ms: int = 0, instance: str = "") -> Transition:
     """-> Transition for ``claim`` after ``outcome`` at ``now``.
 
     ``retry`` is the tuple of waits (seconds), ``max_age`` the age at which a
@@ -48,7 +53,7 @@ def decide(claim, outcome, now, retry, max_age, duration_ms=0, instance=""):
         # as it explains a message that arrives twice (at-least-once)
         label = "ambiguous"
 
-    def attempt(label=label, detail=detail):
+    def attempt(label: str = label, detail: str = detail) -> Attempt:
         return Attempt(now, label, detail, duration_ms, instance)
 
     if not temporary and not permanent:

@@ -5,6 +5,12 @@ refuses TLS 1.0/1.1 at its default security level even when the protocol is
 enabled, so for those the cipher list is opened with ``@SECLEVEL=0``.
 """
 
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
@@ -25,7 +31,8 @@ _LEGACY_CIPHERS = b"DEFAULT:@SECLEVEL=0"
 class ServerContextFactory:
     """A reusable server-side context for ``listenSSL`` and ``startTLS``."""
 
-    def __init__(self, certificate_path, key_path, minimum_version="1.2"):
+    def __init__(self, certificate_path: str | os.PathLike[str], key_path: str | os.PathLike[str],
+                 minimum_version: str = "1.2") -> None:
         self.minimum_version = minimum_version
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(_VERSIONS[minimum_version])
@@ -41,18 +48,19 @@ class ServerContextFactory:
         ctx.set_session_id(b"smtprelay")
         self._context = ctx
 
-    def getContext(self):
+    def getContext(self) -> SSL.Context:
         return self._context
 
-    def serverConnectionForTLS(self, tlsProtocol):
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         return SSL.Connection(self._context, None)
 
 
-def certificate_not_after(pem_path):
+def certificate_not_after(pem_path: str | os.PathLike[str]) -> datetime.datetime:
     """The notAfter of a PEM certificate as a datetime (UTC), for expiry warnings."""
-    import datetime
-
     with open(pem_path, "rb") as f:
         cert = crypto.load_certificate(crypto.FILETYPE_PEM, f.read())
-    text = cert.get_notAfter().decode("ascii")
-    return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+    not_after = cert.get_notAfter()
+    if not_after is None:  # X.509 requires one: only a corrupt certificate lacks it
+        raise ValueError(f"{pem_path}: the certificate has no notAfter")
+    text = not_after.decode("ascii")
+    return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.UTC)

@@ -5,6 +5,8 @@ and ``"250ms"``); sizes are ``"35MB"``, ``"512KB"``, ``"100B"`` with decimal
 multiples (1 MB = 1,000,000 bytes) and binary ones (``"1MiB"``) on request.
 """
 
+from __future__ import annotations
+
 import re
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
@@ -24,7 +26,7 @@ _SIZE_UNITS = {
 }
 
 
-def parse_duration(text):
+def parse_duration(text: object) -> float:
     """``"1h30m"`` -> 5400.0 seconds; raise ValueError with a sentence otherwise."""
     if not isinstance(text, str):
         raise ValueError('expected a duration string such as "30s", "5m", "4h" or "5d"')
@@ -42,10 +44,10 @@ def parse_duration(text):
     return total
 
 
-def format_duration(seconds):
+def format_duration(seconds: float) -> str:
     """The shortest exact spelling of a duration: 300 -> ``"5m"``."""
     if seconds != int(seconds):
-        return f"{int(round(seconds * 1000))}ms"
+        return f"{round(seconds * 1000)}ms"
     seconds = int(seconds)
     if seconds == 0:
         return "0s"
@@ -55,7 +57,7 @@ def format_duration(seconds):
     return f"{seconds}s"
 
 
-def parse_size(value):
+def parse_size(value: object) -> int:
     """``"35MB"`` -> 35_000_000; an integer is a number of bytes."""
     if isinstance(value, bool):
         raise ValueError('expected a size such as "35MB" or "512KB"')

@@ -15,21 +15,17 @@ of 500s loses nothing; a lost answer is retried (at-least-once).
 
 import base64
 import hashlib
-import json
 import os
 import smtplib
-import subprocess
-import sys
 import time
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
-from pathlib import Path
 
 import pytest
-import requests
 
 from tests.fakes.google_accounts import GMAIL_SEND, OAuthUser, ServiceAccountKey
-from tests.relay import REPO, RelayProcess, strip_received
+from tests.gmail_support import FakeGoogleProcess
+from tests.relay import RelayProcess, strip_received
 
 APP = "app@example.com"
 OTHER = "other@example.com"
@@ -40,61 +36,6 @@ BOB = "bob@example.org"
 HIDDEN = "hidden@example.net"
 
 pytestmark = pytest.mark.slow
-
-
-class FakeGoogleProcess:
-    """``python -m tests.fakes.gmail`` on a free port, and its control API."""
-
-    def __init__(self, ca_dir, log_path):
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.gmail", "--port", "0", "--ca-dir", str(ca_dir)],
-            stdout=subprocess.PIPE, stderr=self._log, cwd=REPO, env=env)
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the fake did not start: {Path(log_path).read_text()}")
-        self.port = json.loads(line)["port"]
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.token_uri = self.url + "/token"
-        self.http = requests.Session()
-        self.http.verify = str(Path(ca_dir) / "ca.pem")
-
-    def control(self, method, name, payload=None, **params):
-        response = self.http.request(method, f"{self.url}/_fake/{name}", json=payload,
-                                     params=params, timeout=30)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def messages(self, bodies=True):
-        out = self.control("GET", "messages", bodies="1" if bodies else "0")["messages"]
-        for m in out:
-            for key in ("raw", "delivered"):
-                if m.get(key) is not None:
-                    m[key] = base64.b64decode(m[key])
-        return out
-
-    def wait_messages(self, count, timeout=30, bodies=True, relay=None):
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.messages(bodies=bodies)
-            if len(found) >= count or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert len(found) >= count, (f"{len(found)} of {count} messages arrived\n"
-                                     + (relay.log()[-4000:] if relay else ""))
-        return found
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
-        self._log.close()
-        self.http.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 
 from smtprelay.passwords import hash_password
 from tests import torture
+from tests.network import non_loopback_address
 from tests.relay import RawSMTP
-from tests.test_smtp_session import non_loopback_address
 
 pytestmark = [pytest.mark.slow, pytest.mark.torture]
 

@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 
 from tests import torture
 from tests.hostile import attempts, settle
+from tests.mime_strategies import dot_stuff, line, mime_message
 from tests.relay import RawSMTP, RelayProcess
-from tests.test_hostile_mime import dot_stuff, line, mime_message
 
 pytestmark = [pytest.mark.slow, pytest.mark.torture]
 
@@ -181,7 +181,7 @@ def test_mime_fuzz_through_m365(graph, tmp_path):
 
 @pytest.fixture(scope="module")
 def google(tmp_path_factory, ca):
-    from tests.test_e2e_gmail import FakeGoogleProcess
+    from tests.gmail_support import FakeGoogleProcess
 
     fake = FakeGoogleProcess(ca.directory, tmp_path_factory.mktemp("google") / "fake.log")
     yield fake

@@ -243,7 +243,7 @@ def test_no_secret_leaks_through_the_m365_provider(tmp_path, ca):
 
 def test_no_secret_leaks_through_the_gmail_provider(tmp_path, ca):
     from tests.fakes.google_accounts import OAuthUser
-    from tests.test_e2e_gmail import FakeGoogleProcess
+    from tests.gmail_support import FakeGoogleProcess
 
     echo = EchoHTTPS(ca)
     fake = FakeGoogleProcess(ca.directory, tmp_path / "fake.log")

@@ -16,7 +16,7 @@ from smtprelay import cli
 from smtprelay.model import Result, Status
 from smtprelay.store import _sql, postgres, sqlite
 from tests import pg
-from tests.test_store import LEASE, NOW, envelope, transition
+from tests.store_support import LEASE, NOW, envelope, transition
 
 BIG = os.urandom(2_500_000)  # three stored chunks
 

@@ -15,7 +15,7 @@ from smtprelay.providers.base import CheckResult, IProvider, ProviderBase
 from smtprelay.queue import QueueRunner
 from smtprelay.store import DeliveryQuery
 from smtprelay.store.sqlite import SQLiteStore
-from tests.test_store import envelope
+from tests.store_support import envelope
 
 T0 = 1_800_000_000.0
 

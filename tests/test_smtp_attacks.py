@@ -273,7 +273,7 @@ def test_pipelined_replies_come_back_in_order(start_relay):
 
 def test_auth_is_not_accepted_over_plaintext_from_afar(start_relay):
     """Twisted accepts AUTH over plaintext from anywhere."""
-    from tests.test_smtp_session import non_loopback_address
+    from tests.network import non_loopback_address
 
     address = non_loopback_address()
     relay = start_relay({"smtp": {"listen": "0.0.0.0:0", "auth": {

@@ -1,12 +1,12 @@
 """The SMTP session of smtp.md, spoken to the real twistd relay over loopback."""
 
-import socket
 import ssl
 import time
 
 import pytest
 
 from smtprelay.passwords import hash_password
+from tests.network import non_loopback_address
 from tests.relay import RawSMTP, parse_outbox
 
 PASSWORD_HASH = hash_password(b"s3cret-pass", ln=10)
@@ -16,21 +16,6 @@ def b64(data):
     import base64
 
     return base64.b64encode(data).decode()
-
-
-def non_loopback_address():
-    """An address of this machine that is not loopback (skip when there is none)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.connect(("192.0.2.1", 9))
-        address = s.getsockname()[0]
-    except OSError:
-        address = None
-    finally:
-        s.close()
-    if not address or address.startswith("127."):
-        pytest.skip("this machine has no non-loopback IPv4 address")
-    return address
 
 
 def session(relay, ehlo=True):

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from smtprelay import __version__
-from smtprelay.model import Attempt, Envelope, Result, Status, Transition, new_message_id
+from smtprelay.model import Result, Status
 from smtprelay.store import (
     AttemptRow,
     DeliveryPage,
@@ -35,23 +35,7 @@ from smtprelay.store import (
 from smtprelay.store.postgres import PostgresStore
 from smtprelay.store.sqlite import SQLiteStore
 from tests import pg
-
-NOW = 1_800_000_000.0
-LEASE = 300.0
-
-
-def envelope(n=0, recipients=("a@x.org", "b@x.org"), mailbox="s@x.org", now=NOW, mode="queue",
-             subject="Hello"):
-    return Envelope(
-        id=new_message_id(now + n / 1000.0), sender=mailbox, original_sender=mailbox,
-        mailbox=mailbox, recipients=tuple(recipients), received_at=now + n / 1000.0, size=0,
-        client_address="127.0.0.1", helo="client", auth_user=None,
-        header_from=mailbox, subject=subject, message_id=f"<{n}@x.org>", mode=mode,
-    )
-
-
-def transition(status, at, results, next_at=None, outcome="sent", detail="ok", error=None):
-    return Transition(status, next_at, Attempt(at, outcome, detail, 12, "i"), results, error=error)
+from tests.store_support import LEASE, NOW, envelope, transition
 
 
 class StoreTests:

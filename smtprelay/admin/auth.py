@@ -11,12 +11,14 @@ administrator happens to visit could still reach 127.0.0.1: then
 origin, and a Host that is not a loopback name (DNS rebinding).
 """
 
+from __future__ import annotations
+
 import hmac
 import ipaddress
 from urllib.parse import urlsplit
 
 
-def bearer(header):
+def bearer(header: bytes | str | None) -> str | None:
     """The token of an ``Authorization`` header value (bytes or str), or None."""
     if header is None:
         return None
@@ -32,7 +34,7 @@ def bearer(header):
     return value or None
 
 
-def token_ok(header, token):
+def token_ok(header: bytes | str | None, token: str | None) -> bool:
     """True when ``header`` carries ``token`` (a str); always True when no token is set."""
     if not token:
         return True
@@ -43,7 +45,7 @@ def token_ok(header, token):
     return hmac.compare_digest(given_bytes, token.encode("utf-8")) and given is not None
 
 
-def _is_loopback_host(host):
+def _is_loopback_host(host: str) -> bool:
     if host in ("localhost", "localhost.") or host.endswith(".localhost"):
         return True
     try:
@@ -52,14 +54,15 @@ def _is_loopback_host(host):
         return False
 
 
-def _host_of(hostport):
+def _host_of(hostport: str) -> str:
     """``"127.0.0.1:8025"`` / ``"[::1]:8025"`` / ``"example"`` -> the host part."""
     if hostport.startswith("["):
         return hostport[1:].partition("]")[0]
     return hostport.rpartition(":")[0] if hostport.count(":") == 1 else hostport
 
 
-def foreign_request(host, origin, sec_fetch_site, token_set):
+def foreign_request(host: str | None, origin: str | None, sec_fetch_site: str | None,
+                    token_set: bool) -> str | None:
     """A reason to refuse a request from another web site, or None.
 
     ``host``/``origin``/``sec_fetch_site`` are header values (str or None).

@@ -5,18 +5,25 @@ the status) are written once.  ``tests/test_admin_openapi.py`` checks that
 every Klein route is described here with its methods, and nothing else is.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 from smtprelay import __version__
 
+# a piece of the JSON document
+Schema = dict[str, Any]
 
-def _ref(name):
+
+def _ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _json(schema, description):
+def _json(schema: Schema, description: str) -> Schema:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _error(description):
+def _error(description: str) -> Schema:
     return _json(_ref("Error"), description)
 
 
@@ -28,7 +35,7 @@ _TIME = {"type": "string", "format": "date-time", "example": "2026-11-23T22:40:0
 _NTIME = {"type": "string", "format": "date-time", "nullable": True}
 
 
-def _schemas():
+def _schemas() -> Schema:
     return {
         "Error": {
             "type": "object", "required": ["error"],
@@ -177,7 +184,7 @@ def _schemas():
     }
 
 
-def _paths():
+def _paths() -> Schema:
     status_ok = {"200": _json(_ref("Status"), "the status"), **_UNAUTHORIZED}
     return {
         "/": {"get": {
@@ -338,7 +345,7 @@ def _paths():
     }
 
 
-def document():
+def document() -> Schema:
     return {
         "openapi": "3.0.3",
         "info": {

@@ -6,7 +6,10 @@ at end of data offers the message as an iterable of chunks, optionally with
 a rewritten header block, for the store to consume on its own thread.
 """
 
+from __future__ import annotations
+
 import tempfile
+from collections.abc import Iterator
 
 from smtprelay.message import MAX_HEADER_BLOCK
 
@@ -15,13 +18,13 @@ READ_CHUNK = 1 << 20
 
 
 class MessageSpool:
-    def __init__(self, directory=None):
+    def __init__(self, directory: str | None = None) -> None:
         self._file = tempfile.SpooledTemporaryFile(max_size=IN_MEMORY, dir=directory)
         self._head = bytearray()
-        self.header_end = None  # offset just past the header block, once known
+        self.header_end: int | None = None  # offset just past the header block, once known
         self.size = 0
 
-    def write(self, data):
+    def write(self, data: bytes) -> None:
         if self.header_end is None and len(self._head) < MAX_HEADER_BLOCK:
             old = len(self._head)
             self._head += data[: MAX_HEADER_BLOCK - old]
@@ -37,13 +40,13 @@ class MessageSpool:
         self.size += len(data)
 
     @property
-    def header_block(self):
+    def header_block(self) -> bytes:
         """The header block (with its blank line), or what we kept of it."""
         if self.header_end is not None:
             return bytes(self._head[: self.header_end])
         return bytes(self._head)
 
-    def chunks(self, prefix=b"", header_block=None):
+    def chunks(self, prefix: bytes = b"", header_block: bytes | None = None) -> Iterator[bytes]:
         """Yield ``prefix``, then the message; with ``header_block``, that
         block replaces the original one.  Runs on the store's thread."""
         if prefix:
@@ -59,5 +62,5 @@ class MessageSpool:
                 break
             yield chunk
 
-    def close(self):
+    def close(self) -> None:
         self._file.close()
