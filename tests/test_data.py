@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from smtprelay.dotstuff import OutboundEncoder
 from smtprelay.smtp.data import (
     BARE_NEWLINE_NOT_ALLOWED,
     LINE_TOO_LONG,
@@ -20,7 +21,6 @@ from smtprelay.smtp.data import (
     DataError,
     DataReader,
     FeedResult,
-    OutboundEncoder,
 )
 
 CR, LF = 13, 10

@@ -2,7 +2,7 @@
 
 Three layers:
 
-- the reading of replies (``_smtp_replies``): pure, tested exhaustively;
+- the reading of replies (``smtp.replies``): pure, tested exhaustively;
 - the provider with the real reactor (trial) against aiosmtpd (STARTTLS,
   implicit TLS, AUTH, certificates from a trustme CA) and Postfix's
   ``smtp-sink``: bytes on the wire, security, reply mapping, timeouts,
@@ -34,19 +34,18 @@ from twisted.trial import unittest
 
 from smtprelay import config, schedule
 from smtprelay.model import Claim, Result, Status
-from smtprelay.providers import _smtp_replies as replies
 from smtprelay.providers.base import OutgoingMessage
-from smtprelay.providers.smtp import (
+from smtprelay.providers.smtp import SMTPProvider, replies
+from smtprelay.providers.smtp.client import UpstreamProtocol
+from smtprelay.providers.smtp.errors import (
     BodyStalled,
     ConnectionClosed,
     ConnectionFailed,
     PrematureReply,
     ProtocolViolation,
     ReplyTimeout,
-    SMTPProvider,
-    UpstreamProtocol,
-    _path,
 )
+from smtprelay.providers.smtp.transaction import path as _path
 from tests.fakes.tlsca import TestCA
 from tests.relay import RelayProcess, strip_received
 from tests.upstream import SmtpSink, Upstream, free_port, silent_listener
