@@ -2,7 +2,7 @@
 
 Three layers:
 
-- the reading of replies (``_smtp_replies``): pure, tested exhaustively;
+- the reading of replies (``smtp.replies``): pure, tested exhaustively;
 - the provider with the real reactor (trial) against aiosmtpd (STARTTLS,
   implicit TLS, AUTH, certificates from a trustme CA) and Postfix's
   ``smtp-sink``: bytes on the wire, security, reply mapping, timeouts,
@@ -10,6 +10,8 @@ Three layers:
 - the whole relay (twistd) forwarding through those upstreams, read back
   from its delivery log.
 """
+
+from __future__ import annotations
 
 import base64
 import email.message
@@ -20,6 +22,9 @@ import smtplib
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
@@ -28,25 +33,24 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, error, reactor, task
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python import failure
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from smtprelay import config, schedule
 from smtprelay.model import Claim, Result, Status
-from smtprelay.providers import _smtp_replies as replies
-from smtprelay.providers.base import OutgoingMessage
-from smtprelay.providers.smtp import (
+from smtprelay.providers.base import CheckResult, OutgoingMessage
+from smtprelay.providers.smtp import SMTPProvider, replies
+from smtprelay.providers.smtp.client import UpstreamProtocol
+from smtprelay.providers.smtp.errors import (
     BodyStalled,
     ConnectionClosed,
     ConnectionFailed,
     PrematureReply,
     ProtocolViolation,
     ReplyTimeout,
-    SMTPProvider,
-    UpstreamProtocol,
-    _path,
 )
+from smtprelay.providers.smtp.transaction import path as _path
 from tests.fakes.tlsca import TestCA
 from tests.relay import RelayProcess, strip_received
 from tests.upstream import SmtpSink, Upstream, free_port, silent_listener
@@ -64,17 +68,17 @@ USERS = {"relayuser": PASSWORD}
     (b"220", (220, True, "")),
     (b"550 caf\xc3\xa9", (550, True, "caf\u00e9")),
 ])
-def test_parse_reply_line(line, parsed):
+def test_parse_reply_line(line: bytes, parsed: tuple[int, bool, str]) -> None:
     assert replies.parse_reply_line(line) == parsed
 
 
 @pytest.mark.parametrize("line", [b"", b"25", b"OK", b"250xOK", b"650 nope", b"099 x", b"2a0 x"])
-def test_malformed_reply_lines(line):
+def test_malformed_reply_lines(line: bytes) -> None:
     with pytest.raises(replies.MalformedReply):
         replies.parse_reply_line(line)
 
 
-def test_reply_is_one_line_with_code_and_text():
+def test_reply_is_one_line_with_code_and_text() -> None:
     r = replies.Reply(550, ("5.1.1 The email account that you tried to reach does not exist.",
                             "5.1.1 Please try double-checking \x1b[31mthe address"))
     assert str(r) == ("550 5.1.1 The email account that you tried to reach does not exist. "
@@ -83,7 +87,7 @@ def test_reply_is_one_line_with_code_and_text():
     assert str(replies.Reply(250, ())) == "250"
 
 
-def test_parse_ehlo_and_choose_auth():
+def test_parse_ehlo_and_choose_auth() -> None:
     r = replies.Reply(250, ("upstream.test", "SIZE 1000", "AUTH=LOGIN", "auth cram-md5 plain login",
                             "STARTTLS", "8BITMIME", "PIPELINING"))
     ext = replies.parse_ehlo(r)
@@ -118,11 +122,11 @@ T, P, S = Result.TEMPORARY, Result.PERMANENT, Result.SENT
     (451, "4.7.1 Greylisted", "dot", T),
     (354, "go ahead", "rcpt", T),  # out of place: the exchange went wrong
 ])
-def test_classify(code, text, stage, result):
+def test_classify(code: int, text: str, stage: str, result: Result) -> None:
     assert replies.classify(replies.Reply(code, (text,)), stage) is result
 
 
-def test_combine():
+def test_combine() -> None:
     same = {"a@x": (S, "250 ok"), "b@x": (S, "250 ok")}
     assert replies.combine(same) == (S, "250 ok")
     partial = {"a@x": (S, "250 ok"), "b@x": (T, "451 4.2.0 busy")}
@@ -137,11 +141,11 @@ def test_combine():
     ("2.6.0 <a1b2@mail.example> [InternalId=1] Queued mail for delivery", "<a1b2@mail.example>"),
     ("Message accepted for delivery", None),
 ])
-def test_queue_id(text, expected):
+def test_queue_id(text: str, expected: str | None) -> None:
     assert replies.queue_id(replies.Reply(250, (text,))) == expected
 
 
-def test_describe_tls_failures():
+def test_describe_tls_failures() -> None:
     assert replies.describe_tls_failure(VerificationError(errors=[]), "mx.example") == (
         "TLS: certificate verify failed (hostname mismatch: the certificate is not valid "
         "for mx.example)")
@@ -163,17 +167,17 @@ def test_describe_tls_failures():
     (error.ConnectionLost(), "mx:25: connection reset by the server"),
     (error.ConnectionDone(), "mx:25: connection closed by the server"),
 ])
-def test_describe_connection_failures(exc, expected):
+def test_describe_connection_failures(exc: Exception, expected: str) -> None:
     assert replies.describe_connection_failure(exc, "mx", 25, 9.0) == expected
 
 
 @given(st.text())
-def test_one_line_is_one_bounded_line(text):
+def test_one_line_is_one_bounded_line(text: str) -> None:
     out = replies.one_line(text, 50)
     assert "\r" not in out and "\n" not in out and len(out) <= 50
 
 
-def test_envelope_paths_cannot_inject_commands():
+def test_envelope_paths_cannot_inject_commands() -> None:
     assert _path("") == b"<>"
     assert _path('"odd local"@example.com') == b'<"odd local"@example.com>'
     for bad in ("a@b.c>\r\nRCPT TO:<evil@x", "a@b.c\nDATA", "caf\u00e9@x", "a\x00@b"):
@@ -186,17 +190,18 @@ def test_envelope_paths_cannot_inject_commands():
 
 
 class ProtocolTests(unittest.SynchronousTestCase):
-    def setUp(self):
+    def setUp(self) -> None:
         self.clock = task.Clock()
         self.proto = UpstreamProtocol(b"relay.test", self.clock, 10.0)
-        self.transport = StringTransport()
+        # Any: its producer, set by send_body, is typed Optional
+        self.transport: Any = StringTransport()
         self.proto.makeConnection(self.transport)
         self.greeting = self.proto.greeting
 
-    def reply_of(self, d):
+    def reply_of(self, d: defer.Deferred[replies.Reply]) -> replies.Reply:
         return self.successResultOf(d)
 
-    def test_greeting_then_pipelined_commands_get_their_replies_in_order(self):
+    def test_greeting_then_pipelined_commands_get_their_replies_in_order(self) -> None:
         self.proto.dataReceived(b"220 upstream ESMTP\r\n")
         self.assertEqual(self.reply_of(self.greeting), replies.Reply(220, ("upstream ESMTP",)))
         mail = self.proto.command(b"MAIL FROM:<a@x>", "MAIL FROM")
@@ -207,7 +212,7 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.assertEqual(str(self.reply_of(rcpt)), "550 5.1.1 no such user")
         self.assertTrue(self.proto.usable)
 
-    def test_silence_fails_the_pending_command_after_the_timeout(self):
+    def test_silence_fails_the_pending_command_after_the_timeout(self) -> None:
         self.clock.advance(9.9)
         self.assertNoResult(self.greeting)
         self.clock.advance(0.2)
@@ -215,13 +220,13 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.assertEqual(str(failure.value), "no reply to the greeting within 10s")
         self.assertTrue(self.transport.disconnecting)
 
-    def test_no_timer_while_idle(self):
+    def test_no_timer_while_idle(self) -> None:
         self.proto.dataReceived(b"220 hi\r\n")
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.proto.command(b"NOOP", "NOOP")
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
 
-    def test_plaintext_after_the_starttls_reply_is_refused(self):
+    def test_plaintext_after_the_starttls_reply_is_refused(self) -> None:
         self.proto.dataReceived(b"220 hi\r\n")
         d = self.proto.command(b"STARTTLS", "STARTTLS")
         # a man in the middle appends a fake post-TLS EHLO answer
@@ -229,7 +234,7 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.failureResultOf(d, ProtocolViolation)
         self.assertTrue(self.transport.disconnecting)
 
-    def test_a_reply_during_the_body_stops_it_at_once(self):
+    def test_a_reply_during_the_body_stops_it_at_once(self) -> None:
         self.proto.dataReceived(b"220 hi\r\n")
         d = self.proto.send_body(io.BytesIO((b"x" * 78 + b"\r\n") * 10_000))
         producer = self.transport.producer
@@ -243,7 +248,7 @@ class ProtocolTests(unittest.SynchronousTestCase):
         producer.resumeProducing()  # a transport asking for more after all
         self.assertEqual(len(self.transport.value()), sent)
 
-    def test_the_body_deadline_counts_progress_not_total_time(self):
+    def test_the_body_deadline_counts_progress_not_total_time(self) -> None:
         self.proto.dataReceived(b"220 hi\r\n")
         body = (b"." * 100 + b"\r\n") * 3000
         d = self.proto.send_body(io.BytesIO(body))
@@ -260,7 +265,7 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.clock.advance(10.1)  # now the reply to the end of data is late
         self.failureResultOf(d, ReplyTimeout)
 
-    def test_a_stalled_body_times_out(self):
+    def test_a_stalled_body_times_out(self) -> None:
         self.proto.dataReceived(b"220 hi\r\n")
         d = self.proto.send_body(io.BytesIO(b"x\r\n" * 100_000))
         self.transport.producer.resumeProducing()
@@ -268,7 +273,7 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.failureResultOf(d, BodyStalled)
         self.assertFalse(self.proto.dot_sent)
 
-    def test_connection_lost_during_the_body_is_not_ambiguous(self):
+    def test_connection_lost_during_the_body_is_not_ambiguous(self) -> None:
         self.proto.dataReceived(b"220 hi\r\n")
         d = self.proto.send_body(io.BytesIO(b"x\r\n" * 100_000))
         self.transport.producer.resumeProducing()
@@ -281,9 +286,9 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.assertTrue(f.value.streaming)  # described as "... (not delivered)"
         self.assertFalse(self.proto.dot_sent)
 
-    def test_an_unreadable_stored_message_aborts_without_the_end_of_data(self):
+    def test_an_unreadable_stored_message_aborts_without_the_end_of_data(self) -> None:
         class Broken(io.BytesIO):
-            def read(self, n=-1):
+            def read(self, n: int | None = -1) -> bytes:
                 if self.tell() > 0:
                     raise OSError(5, "Input/output error")
                 return super().read(n)
@@ -297,7 +302,7 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertNotIn(b"\r\n.\r\n", self.transport.value())
 
-    def test_unsolicited_and_malformed_replies_end_the_connection(self):
+    def test_unsolicited_and_malformed_replies_end_the_connection(self) -> None:
         self.proto.dataReceived(b"220 hi\r\n")
         self.proto.dataReceived(b"250 nobody asked\r\n")
         self.assertTrue(self.transport.disconnecting)
@@ -307,7 +312,7 @@ class ProtocolTests(unittest.SynchronousTestCase):
         other.dataReceived(b"hello there\r\n")
         self.failureResultOf(other.greeting, ProtocolViolation)
 
-    def test_connection_lost_fails_every_pending_command(self):
+    def test_connection_lost_fails_every_pending_command(self) -> None:
         self.proto.dataReceived(b"220 hi\r\n")
         a = self.proto.command(b"MAIL FROM:<a@x>", "MAIL FROM")
         b = self.proto.command(b"RCPT TO:<b@x>", "RCPT TO")
@@ -320,24 +325,26 @@ class ProtocolTests(unittest.SynchronousTestCase):
 # ---------------------------------------------------------------------------
 # the provider against real servers (trial, real reactor)
 
-_CA = []
+_CA: list[TestCA] = []
 
 
-def test_ca():
+def test_ca() -> TestCA:
     if not _CA:
         _CA.append(TestCA(tempfile.mkdtemp(prefix="smtp-provider-ca-")))
     return _CA[0]
 
 
-test_ca.__test__ = False
+test_ca.__test__ = False  # type: ignore[attr-defined]
 
 
-def message(body, sender="app@example.com", recipients=("to@example.net",), id="M1"):
+def message(body: bytes, sender: str = "app@example.com",
+            recipients: tuple[str, ...] | list[str] = ("to@example.net",),
+            id: str = "M1") -> OutgoingMessage:
     return OutgoingMessage(id=id, sender=sender, mailbox=sender or "relay@example.com",
                            recipients=tuple(recipients), size=len(body), body=io.BytesIO(body))
 
 
-def rich_message():
+def rich_message() -> bytes:
     """Multipart, 8-bit text, a binary attachment, an inline image, custom headers."""
     m = email.message.EmailMessage(policy=email.policy.SMTP)
     m["From"] = "App <app@example.com>"
@@ -348,8 +355,9 @@ def rich_message():
     m.set_content("Bonjour,\n.ligne qui commence par un point\n..deux\n.\nfin \u00e9\u00e8\n",
                   cte="8bit")
     m.add_alternative("<p>Gr\u00fc\u00dfe <img src=\"cid:logo\"></p>\n", subtype="html", cte="8bit")
-    m.get_payload()[1].add_related(b"\x89PNG\r\n\x1a\n" + os.urandom(3000), "image", "png",
-                                   cid="<logo>")
+    alternative: Any = m.get_payload()
+    alternative[1].add_related(b"\x89PNG\r\n\x1a\n" + os.urandom(3000), "image", "png",
+                               cid="<logo>")
     m.add_attachment(os.urandom(50_000), maintype="application", subtype="octet-stream",
                      filename="data.bin")
     data = m.as_bytes()
@@ -357,7 +365,7 @@ def rich_message():
     return data
 
 
-def dotted_body(size, boundary=16384):
+def dotted_body(size: int, boundary: int = 16384) -> bytes:
     """A message whose every ``boundary``-th octet starts a line beginning with ".",
     among them ".", ".." and a whole forged transaction after a lone "."."""
     kinds = [
@@ -386,7 +394,7 @@ def dotted_body(size, boundary=16384):
     return bytes(out)
 
 
-def postfix_fold(line, limit=998):
+def postfix_fold(line: bytes, limit: int = 998) -> bytes:
     """What Postfix's smtp_line_length_limit makes of one long line (no CRLF)."""
     pieces = [line[:limit]]
     rest = line[limit:]
@@ -396,12 +404,13 @@ def postfix_fold(line, limit=998):
     return b"\r\n".join(pieces)
 
 
-def wait_until(predicate, timeout=5.0, interval=0.02):
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0,
+               interval: float = 0.02) -> defer.Deferred[bool]:
     """Deferred: fires True once ``predicate()`` holds (False after ``timeout``)."""
     deadline = time.monotonic() + timeout
 
     @defer.inlineCallbacks
-    def loop():
+    def loop() -> Generator[defer.Deferred[None], None, bool]:
         while not predicate():
             if time.monotonic() > deadline:
                 return False
@@ -414,20 +423,21 @@ def wait_until(predicate, timeout=5.0, interval=0.02):
 class ProviderTests(unittest.TestCase):
     timeout = 120
 
-    def setUp(self):
+    def setUp(self) -> None:
         self.ca = test_ca()
 
-    def upstream(self, **kw):
+    def upstream(self, **kw: Any) -> Upstream:
         up = Upstream(self.ca, **kw).start()
         self.addCleanup(up.stop)
         return up
 
-    def sink(self, *options):
+    def sink(self, *options: str) -> SmtpSink:
         s = SmtpSink(tempfile.mkdtemp(prefix="smtp-sink-"), *options).start()
         self.addCleanup(s.stop)
         return s
 
-    def provider(self, port, concurrency=4, idle_seconds=5.0, **keys):
+    def provider(self, port: int | None, concurrency: int = 4, idle_seconds: float = 5.0,
+                 **keys: Any) -> SMTPProvider:
         document = {
             "smtp": {"hostname": "relay.test"},
             "provider": {"type": "smtp", "host": "127.0.0.1", "port": port, "timeout": "5s",
@@ -438,7 +448,7 @@ class ProviderTests(unittest.TestCase):
         self.addCleanup(p.stop)
         return p
 
-    def secure(self, up, **keys):
+    def secure(self, up: Upstream, **keys: Any) -> SMTPProvider:
         """A provider for ``up`` with STARTTLS (or implicit TLS), the CA and the right password."""
         keys.setdefault("security", "tls" if up.mode == "tls" else "starttls")
         keys.setdefault("username", "relayuser")
@@ -449,7 +459,8 @@ class ProviderTests(unittest.TestCase):
     # -- the bytes ------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def test_body_arrives_byte_exact_with_attachments_and_8bit_text(self):
+    def test_body_arrives_byte_exact_with_attachments_and_8bit_text(
+            self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         body = rich_message()
         outcome = yield self.secure(up).send(message(body))
@@ -466,7 +477,7 @@ class ProviderTests(unittest.TestCase):
         self.assertIn(f"SIZE={len(body)}", options)
 
     @defer.inlineCallbacks
-    def test_envelope_decides_who_receives(self):
+    def test_envelope_decides_who_receives(self) -> Generator[Any, Any, None]:
         # Bcc-only recipients are envelope recipients; an address only in a header is not
         up = self.upstream(users=USERS)
         body = (b"From: app@example.com\r\nTo: to@example.net\r\nCc: header-only@example.net\r\n"
@@ -480,14 +491,14 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(got.content, body)  # no Bcc header added, nothing removed
 
     @defer.inlineCallbacks
-    def test_null_sender_goes_out_as_null(self):
+    def test_null_sender_goes_out_as_null(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         outcome = yield self.secure(up).send(message(b"Subject: bounce\r\n\r\nx\r\n", sender=""))
         self.assertIs(outcome.result, Result.SENT)
         self.assertEqual(up.mail_commands[0][0], "<>")
 
     @defer.inlineCallbacks
-    def test_dots_at_every_16k_boundary_cannot_end_data_early(self):
+    def test_dots_at_every_16k_boundary_cannot_end_data_early(self) -> Generator[Any, Any, None]:
         body = dotted_body(4_000_000)
         up = self.upstream(users=USERS)
         outcome = yield self.secure(up).send(message(body))
@@ -498,7 +509,8 @@ class ProviderTests(unittest.TestCase):
         self.assertNotIn("victim@example.net", up.rcpt_commands)
 
     @defer.inlineCallbacks
-    def test_dots_at_every_16k_boundary_reach_postfix_smtp_sink_intact(self):
+    def test_dots_at_every_16k_boundary_reach_postfix_smtp_sink_intact(
+            self) -> Generator[Any, Any, None]:
         body = dotted_body(3_000_000)
         sink = self.sink()
         outcome = yield self.provider(sink.port, security="none").send(message(body))
@@ -509,7 +521,7 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(got.content, body.replace(b"\r\n", b"\n"))
 
     @defer.inlineCallbacks
-    def test_long_lines_are_folded_as_postfix_does(self):
+    def test_long_lines_are_folded_as_postfix_does(self) -> Generator[Any, Any, None]:
         lines = [b"a" * 2500, b"b" * 998, b"c" * 999, b"." + b"d" * 1499, b"short"]
         body = b"Subject: long\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
         expected = b"Subject: long\r\n\r\n" + b"\r\n".join(postfix_fold(x) for x in lines) + b"\r\n"
@@ -526,7 +538,7 @@ class ProviderTests(unittest.TestCase):
     # -- security ---------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def test_starttls_required_but_not_offered_sends_nothing(self):
+    def test_starttls_required_but_not_offered_sends_nothing(self) -> Generator[Any, Any, None]:
         up = self.upstream(mode="none", users=USERS, auth_plaintext=True)
         outcome = yield self.provider(up.port, security="starttls", username="relayuser",
                                       password=PASSWORD).send(message(b"Subject: x\r\n\r\nx\r\n"))
@@ -538,7 +550,8 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(up.auth_attempts, [])
 
     @defer.inlineCallbacks
-    def test_wrong_certificate_host_sends_nothing_unless_verification_is_off(self):
+    def test_wrong_certificate_host_sends_nothing_unless_verification_is_off(
+            self) -> Generator[Any, Any, None]:
         cert = self.ca.issue("other.example")
         for mode in ("starttls", "tls"):
             up = self.upstream(mode=mode, users=USERS, cert=cert)
@@ -553,7 +566,7 @@ class ProviderTests(unittest.TestCase):
             self.assertEqual(len(up.messages), 1)
 
     @defer.inlineCallbacks
-    def test_certificate_from_an_unknown_ca_sends_nothing(self):
+    def test_certificate_from_an_unknown_ca_sends_nothing(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         p = self.provider(up.port, security="starttls", username="relayuser", password=PASSWORD)
         outcome = yield p.send(message(b"Subject: x\r\n\r\nx\r\n"))
@@ -563,7 +576,7 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual((up.mail_commands, up.auth_attempts), ([], []))
 
     @defer.inlineCallbacks
-    def test_implicit_tls(self):
+    def test_implicit_tls(self) -> Generator[Any, Any, None]:
         up = self.upstream(mode="tls", users=USERS)
         outcome = yield self.secure(up).send(message(b"Subject: x\r\n\r\nx\r\n"))
         self.assertIs(outcome.result, Result.SENT, outcome)
@@ -571,7 +584,7 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual([a[2] for a in up.auth_attempts], [True])
 
     @defer.inlineCallbacks
-    def test_tls_below_1_2_is_refused(self):
+    def test_tls_below_1_2_is_refused(self) -> Generator[Any, Any, None]:
         import ssl
 
         with warnings.catch_warnings():
@@ -584,7 +597,8 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual((up.mail_commands, up.auth_attempts), ([], []))
 
     @defer.inlineCallbacks
-    def test_a_server_without_esmtp_gets_helo_only_when_nothing_needs_esmtp(self):
+    def test_a_server_without_esmtp_gets_helo_only_when_nothing_needs_esmtp(
+            self) -> Generator[Any, Any, None]:
         sink = self.sink("-e")  # smtp-sink: "Do not announce ESMTP support"
         outcome = yield self.provider(sink.port, security="none").send(
             message(b"Subject: x\r\n\r\nx\r\n"))
@@ -598,7 +612,7 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(len(sink.messages()), 1)
 
     @defer.inlineCallbacks
-    def test_wrong_password_is_temporary_with_the_upstream_reply(self):
+    def test_wrong_password_is_temporary_with_the_upstream_reply(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         outcome = yield self.secure(up, password="wrong").send(message(b"Subject: x\r\n\r\nx\r\n"))
         self.assertIs(outcome.result, Result.TEMPORARY)
@@ -609,14 +623,15 @@ class ProviderTests(unittest.TestCase):
                          [("PLAIN", True, False)])
 
     @defer.inlineCallbacks
-    def test_auth_waits_for_tls_even_when_offered_in_plaintext(self):
+    def test_auth_waits_for_tls_even_when_offered_in_plaintext(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS, auth_plaintext=True)
         outcome = yield self.secure(up).send(message(b"Subject: x\r\n\r\nx\r\n"))
         self.assertIs(outcome.result, Result.SENT, outcome)
         self.assertEqual([tls for _, _, tls, _ in up.auth_attempts], [True])
 
     @defer.inlineCallbacks
-    def test_security_none_authenticates_in_plaintext_when_asked_to(self):
+    def test_security_none_authenticates_in_plaintext_when_asked_to(
+            self) -> Generator[Any, Any, None]:
         up = self.upstream(mode="none", users=USERS, auth_plaintext=True)
         outcome = yield self.provider(up.port, security="none", username="relayuser",
                                       password=PASSWORD).send(message(b"Subject: x\r\n\r\nx\r\n"))
@@ -624,7 +639,7 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual([tls for _, _, tls, _ in up.auth_attempts], [False])
 
     @defer.inlineCallbacks
-    def test_username_set_but_no_auth_offered_sends_nothing(self):
+    def test_username_set_but_no_auth_offered_sends_nothing(self) -> Generator[Any, Any, None]:
         up = self.upstream()  # STARTTLS, no AUTH
         outcome = yield self.secure(up).send(message(b"Subject: x\r\n\r\nx\r\n"))
         self.assertIs(outcome.result, Result.TEMPORARY)
@@ -633,22 +648,23 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(up.mail_commands, [])
 
     @defer.inlineCallbacks
-    def test_auth_login_when_plain_is_not_offered(self):
+    def test_auth_login_when_plain_is_not_offered(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS, exclude_auth=["PLAIN"])
         outcome = yield self.secure(up).send(message(b"Subject: x\r\n\r\nx\r\n"))
         self.assertIs(outcome.result, Result.SENT, outcome)
         self.assertEqual([(m, ok) for m, _, _, ok in up.auth_attempts], [("LOGIN", True)])
 
     @defer.inlineCallbacks
-    def test_no_secret_in_details_or_log_events(self):
-        texts = []
+    def test_no_secret_in_details_or_log_events(self) -> Generator[Any, Any, None]:
+        texts: list[str] = []
 
-        def observe(event):
+        def observe(event: dict[str, Any]) -> None:
             texts.append(formatEvent(event) or "")
             texts.append(repr(event))
 
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        observer = cast(ILogObserver, observe)  # a plain function serves, as Twisted's own do
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         up = self.upstream(users={"relayuser": "something-else"})
         details = []
         for exclude in ([], ["PLAIN"]):
@@ -668,15 +684,17 @@ class ProviderTests(unittest.TestCase):
     # -- replies ------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def test_recipients_refused_and_accepted_in_one_transaction(self):
+    def test_recipients_refused_and_accepted_in_one_transaction(self) -> Generator[Any, Any, None]:
         yield self.check_recipients_refused_and_accepted(pipelining=False)
 
     @defer.inlineCallbacks
-    def test_recipients_refused_and_accepted_in_one_transaction_pipelined(self):
+    def test_recipients_refused_and_accepted_in_one_transaction_pipelined(
+            self) -> Generator[Any, Any, None]:
         yield self.check_recipients_refused_and_accepted(pipelining=True)
 
     @defer.inlineCallbacks
-    def check_recipients_refused_and_accepted(self, pipelining):
+    def check_recipients_refused_and_accepted(self,
+                                              pipelining: bool) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS, pipelining=pipelining)
         up.rcpt_reply = {
             "busy@example.net": "451 4.2.0 <busy@example.net>: mailbox busy",
@@ -702,7 +720,7 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(t.attempt.outcome, "partial")
 
     @defer.inlineCallbacks
-    def test_all_recipients_refused_sends_no_data(self):
+    def test_all_recipients_refused_sends_no_data(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         up.rcpt_reply = lambda a: f"550 5.1.1 <{a}>: Recipient address rejected"
         p = self.secure(up)
@@ -720,12 +738,12 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(up.connections, 1)
 
     @defer.inlineCallbacks
-    def test_sender_refused(self):
+    def test_sender_refused(self) -> Generator[Any, Any, None]:
         for pipelining in (False, True):
             yield self.check_sender_refused(pipelining)
 
     @defer.inlineCallbacks
-    def check_sender_refused(self, pipelining):
+    def check_sender_refused(self, pipelining: bool) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS, pipelining=pipelining)
         p = self.secure(up)
         for reply, result in [
@@ -743,7 +761,7 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(up.messages, [])
 
     @defer.inlineCallbacks
-    def test_end_of_data_replies(self):
+    def test_end_of_data_replies(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         p = self.secure(up)
         for reply, result in [("451 4.7.1 Greylisted, try again later", Result.TEMPORARY),
@@ -755,7 +773,8 @@ class ProviderTests(unittest.TestCase):
             self.assertFalse(outcome.ambiguous)
 
     @defer.inlineCallbacks
-    def test_size_over_the_upstream_limit_is_permanent_without_sending(self):
+    def test_size_over_the_upstream_limit_is_permanent_without_sending(
+            self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS, data_size_limit=1000)
         outcome = yield self.secure(up).send(message(b"Subject: x\r\n\r\n" + b"x" * 5000 + b"\r\n"))
         self.assertIs(outcome.result, Result.PERMANENT)
@@ -765,7 +784,8 @@ class ProviderTests(unittest.TestCase):
     # -- failures of the connection -------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def test_dropped_after_the_final_dot_is_ambiguous_and_sent_again(self):
+    def test_dropped_after_the_final_dot_is_ambiguous_and_sent_again(
+            self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         up.drop_after_dot = 1
         p = self.secure(up)
@@ -781,7 +801,8 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual([m.content for m in up.messages], [body])
 
     @defer.inlineCallbacks
-    def test_postfix_disconnecting_after_the_final_dot_is_ambiguous(self):
+    def test_postfix_disconnecting_after_the_final_dot_is_ambiguous(
+            self) -> Generator[Any, Any, None]:
         sink = self.sink("-q", ".")
         outcome = yield self.provider(sink.port, security="none").send(
             message(b"Subject: x\r\n\r\nx\r\n"))
@@ -789,7 +810,7 @@ class ProviderTests(unittest.TestCase):
         self.assertTrue(outcome.ambiguous)
 
     @defer.inlineCallbacks
-    def test_no_reply_after_the_final_dot_is_ambiguous(self):
+    def test_no_reply_after_the_final_dot_is_ambiguous(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         up.data_delay = 4
         outcome = yield self.secure(up, timeout="1s").send(message(b"Subject: x\r\n\r\nx\r\n"))
@@ -799,7 +820,7 @@ class ProviderTests(unittest.TestCase):
                       outcome.detail)
 
     @defer.inlineCallbacks
-    def test_reply_before_the_end_of_data_stops_the_body(self):
+    def test_reply_before_the_end_of_data_stops_the_body(self) -> Generator[Any, Any, None]:
         # smtp-sink -A: a 550 right after the 354, then it reads nothing more; every
         # octet we sent after that would be taken for a command by a real server
         sink = self.sink("-A", "0")
@@ -811,7 +832,7 @@ class ProviderTests(unittest.TestCase):
         self.assertFalse(outcome.ambiguous)
 
     @defer.inlineCallbacks
-    def test_silent_upstream_times_out(self):
+    def test_silent_upstream_times_out(self) -> Generator[Any, Any, None]:
         s = silent_listener()
         self.addCleanup(s.close)
         start = time.monotonic()
@@ -824,7 +845,7 @@ class ProviderTests(unittest.TestCase):
         self.assertLess(time.monotonic() - start, 4)
 
     @defer.inlineCallbacks
-    def test_connection_refused_and_unknown_host(self):
+    def test_connection_refused_and_unknown_host(self) -> Generator[Any, Any, None]:
         port = free_port()
         outcome = yield self.provider(port).send(message(b"Subject: x\r\n\r\nx\r\n"))
         self.assertEqual((outcome.result, outcome.detail),
@@ -841,7 +862,8 @@ class ProviderTests(unittest.TestCase):
     # -- connections ------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def test_an_authenticated_connection_is_reused_then_closed_when_idle(self):
+    def test_an_authenticated_connection_is_reused_then_closed_when_idle(
+            self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         p = self.secure(up, idle_seconds=0.5)
         for n in range(3):
@@ -852,7 +874,8 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(p._pool.open_connections, 0)
 
     @defer.inlineCallbacks
-    def test_a_stale_reused_connection_does_not_cost_the_message_an_attempt(self):
+    def test_a_stale_reused_connection_does_not_cost_the_message_an_attempt(
+            self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         p = self.secure(up)
         outcome = yield p.send(message(b"Subject: 1\r\n\r\nx\r\n"))
@@ -863,7 +886,7 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual((up.connections, len(up.messages)), (2, 2))
 
     @defer.inlineCallbacks
-    def test_at_most_concurrency_connections(self):
+    def test_at_most_concurrency_connections(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         up.data_delay = 0.3
         p = self.secure(up, concurrency=2)
@@ -874,7 +897,7 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(len(up.messages), 5)
 
     @defer.inlineCallbacks
-    def test_cancelled_send_aborts_its_connection(self):
+    def test_cancelled_send_aborts_its_connection(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         up.data_delay = 5
         p = self.secure(up)
@@ -886,7 +909,7 @@ class ProviderTests(unittest.TestCase):
         self.assertTrue((yield wait_until(lambda: p._pool.open_connections == 0)))
 
     @defer.inlineCallbacks
-    def test_stop_closes_idle_connections(self):
+    def test_stop_closes_idle_connections(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         p = self.secure(up, idle_seconds=60)
         yield p.send(message(b"Subject: x\r\n\r\nx\r\n"))
@@ -896,7 +919,7 @@ class ProviderTests(unittest.TestCase):
         self.assertTrue((yield wait_until(lambda: up.open_now == 0)))
 
     @defer.inlineCallbacks
-    def test_unusable_ca_file_is_reported_and_nothing_is_sent(self):
+    def test_unusable_ca_file_is_reported_and_nothing_is_sent(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         bad = os.path.join(tempfile.mkdtemp(), "not-a-ca.pem")
         with open(bad, "w") as f:
@@ -913,7 +936,7 @@ class ProviderTests(unittest.TestCase):
     # -- check() -----------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def test_check_good_configuration(self):
+    def test_check_good_configuration(self) -> Generator[Any, Any, None]:
         up = self.upstream(users=USERS)
         result = yield self.secure(up).check()
         self.assertTrue(result.ok, result)
@@ -929,8 +952,8 @@ class ProviderTests(unittest.TestCase):
         self.assertTrue((yield wait_until(lambda: up.open_now == 0)))
 
     @defer.inlineCallbacks
-    def test_check_bad_configurations(self):
-        def summary(result):
+    def test_check_bad_configurations(self) -> Generator[Any, Any, None]:
+        def summary(result: CheckResult) -> list[tuple[str, bool]]:
             return [(s.name, s.ok) for s in result.steps]
 
         up = self.upstream(users=USERS)
@@ -977,14 +1000,17 @@ class ProviderTests(unittest.TestCase):
 
 
 @pytest.fixture
-def smtp_relay(tmp_path, ca):
+def smtp_relay(tmp_path: Path, ca: TestCA) -> Iterator[Callable[..., RelayProcess]]:
     """smtp_relay(upstream, **provider_keys) -> a running relay whose provider is ``upstream``."""
-    relays = []
+    relays: list[RelayProcess] = []
 
-    def start(upstream, name="relay", **keys):
-        provider = {"type": "smtp", "host": "127.0.0.1", "port": upstream.port, "timeout": "5s"}
-        if getattr(upstream, "mode", "none") != "none":
-            provider.update(security="tls" if upstream.mode == "tls" else "starttls",
+    def start(upstream: Upstream | SmtpSink, name: str = "relay",
+              **keys: Any) -> RelayProcess:
+        provider: dict[str, Any] = {"type": "smtp", "host": "127.0.0.1", "port": upstream.port,
+                                    "timeout": "5s"}
+        mode = getattr(upstream, "mode", "none")
+        if mode != "none":
+            provider.update(security="tls" if mode == "tls" else "starttls",
                             username="relayuser", password=PASSWORD, ca_file=str(ca.ca_path))
         else:
             provider["security"] = "none"
@@ -1000,10 +1026,10 @@ def smtp_relay(tmp_path, ca):
 
 
 @pytest.fixture
-def upstream(ca):
-    started = []
+def upstream(ca: TestCA) -> Iterator[Callable[..., Upstream]]:
+    started: list[Upstream] = []
 
-    def start(**kw):
+    def start(**kw: Any) -> Upstream:
         up = Upstream(ca, **kw).start()
         started.append(up)
         return up
@@ -1013,7 +1039,8 @@ def upstream(ca):
         up.stop()
 
 
-def submit(relay, body, sender="app@example.com", recipients=("to@example.net",)):
+def submit(relay: RelayProcess, body: bytes, sender: str = "app@example.com",
+           recipients: tuple[str, ...] = ("to@example.net",)) -> str:
     """Send through the relay with smtplib; -> the relay's message id."""
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as s:
         s.ehlo("client.test")
@@ -1026,12 +1053,13 @@ def submit(relay, body, sender="app@example.com", recipients=("to@example.net",)
     return text.decode().rsplit(" ", 1)[1]
 
 
-def attempts(relay, message_id):
+def attempts(relay: RelayProcess, message_id: str) -> list[tuple[Any, ...]]:
     return relay.query("SELECT outcome, detail FROM attempts WHERE message_id = ? ORDER BY at",
                        (message_id,))
 
 
-def wait_attempts(relay, message_id, n, timeout=20):
+def wait_attempts(relay: RelayProcess, message_id: str, n: int,
+                  timeout: float = 20) -> list[tuple[Any, ...]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = attempts(relay, message_id)
@@ -1043,7 +1071,8 @@ def wait_attempts(relay, message_id, n, timeout=20):
 
 
 @pytest.mark.slow
-def test_relay_forwards_through_starttls_and_auth(smtp_relay, upstream):
+def test_relay_forwards_through_starttls_and_auth(smtp_relay: Callable[..., RelayProcess],
+                                                  upstream: Callable[..., Upstream]) -> None:
     up = upstream(users=USERS)
     relay = smtp_relay(up)
     body = rich_message()
@@ -1060,7 +1089,8 @@ def test_relay_forwards_through_starttls_and_auth(smtp_relay, upstream):
 
 
 @pytest.mark.slow
-def test_relay_several_mb_with_dots_reach_smtp_sink_byte_exact(smtp_relay, tmp_path):
+def test_relay_several_mb_with_dots_reach_smtp_sink_byte_exact(
+        smtp_relay: Callable[..., RelayProcess], tmp_path: Path) -> None:
     sink = SmtpSink(tmp_path / "sink").start()
     try:
         relay = smtp_relay(sink)
@@ -1078,7 +1108,9 @@ def test_relay_several_mb_with_dots_reach_smtp_sink_byte_exact(smtp_relay, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["starttls not offered", "wrong certificate host"])
-def test_relay_sends_nothing_over_an_insecure_upstream(smtp_relay, upstream, ca, case):
+def test_relay_sends_nothing_over_an_insecure_upstream(
+        smtp_relay: Callable[..., RelayProcess], upstream: Callable[..., Upstream], ca: TestCA,
+        case: str) -> None:
     if case == "starttls not offered":
         up = upstream(mode="none", users=USERS, auth_plaintext=True)
         expected = "does not offer STARTTLS"
@@ -1095,7 +1127,8 @@ def test_relay_sends_nothing_over_an_insecure_upstream(smtp_relay, upstream, ca,
 
 
 @pytest.mark.slow
-def test_relay_wrong_password_is_deferred_with_the_upstream_reply(smtp_relay, upstream):
+def test_relay_wrong_password_is_deferred_with_the_upstream_reply(
+        smtp_relay: Callable[..., RelayProcess], upstream: Callable[..., Upstream]) -> None:
     up = upstream(users=USERS)
     relay = smtp_relay(up, password="not-the-password")
     message_id = submit(relay, b"Subject: x\r\n\r\nx\r\n")
@@ -1108,11 +1141,12 @@ def test_relay_wrong_password_is_deferred_with_the_upstream_reply(smtp_relay, up
 
 
 @pytest.mark.slow
-def test_relay_retries_only_the_temporarily_refused_recipient(smtp_relay, upstream):
+def test_relay_retries_only_the_temporarily_refused_recipient(
+        smtp_relay: Callable[..., RelayProcess], upstream: Callable[..., Upstream]) -> None:
     up = upstream(users=USERS)
-    refused = []
+    refused: list[str] = []
 
-    def rcpt(address):
+    def rcpt(address: str) -> str | None:
         if address == "busy@example.net" and not refused:
             refused.append(address)
             return "451 4.2.0 <busy@example.net>: mailbox busy"
@@ -1133,7 +1167,8 @@ def test_relay_retries_only_the_temporarily_refused_recipient(smtp_relay, upstre
 
 
 @pytest.mark.slow
-def test_relay_connection_dropped_after_the_dot_is_retried(smtp_relay, upstream):
+def test_relay_connection_dropped_after_the_dot_is_retried(
+        smtp_relay: Callable[..., RelayProcess], upstream: Callable[..., Upstream]) -> None:
     up = upstream(users=USERS)
     up.drop_after_dot = 1
     relay = smtp_relay(up)

@@ -13,6 +13,8 @@ None of these is a fake of ours: aiosmtpd and smtp-sink are real SMTP servers;
 the knobs only choose which of their replies a test gets.
 """
 
+from __future__ import annotations
+
 import asyncio
 import os
 import socket
@@ -21,11 +23,13 @@ import subprocess
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import attr
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from tests.relay import require_tool
 
@@ -33,17 +37,18 @@ from tests.relay import require_tool
 @attr.define
 class Received:
     mail_from: str
-    rcpt_tos: list
+    rcpt_tos: list[str]
     content: bytes
     tls: bool
     auth: object  # the login name (bytes) or None
 
 
 class _Handler:
-    def __init__(self, upstream):
+    def __init__(self, upstream: Upstream) -> None:
         self.up = upstream
 
-    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         if self.up.users is None:
             # aiosmtpd announces AUTH even without users: this upstream offers none
@@ -54,7 +59,8 @@ class _Handler:
             responses.insert(1, "250-PIPELINING")
         return responses
 
-    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
         self.up.mail_commands.append((address, self.up.encrypted(session), list(mail_options)))
         reply = self.up.mail_reply(address) if self.up.mail_reply else None
         if reply:
@@ -63,7 +69,8 @@ class _Handler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
         self.up.rcpt_commands.append(address)
         reply = self.up.rcpt_reply(address) if self.up.rcpt_reply else None
         if reply:
@@ -71,15 +78,17 @@ class _Handler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server, session, envelope):
-        got = Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        # aiosmtpd calls DATA only after MAIL, and with the content read
+        got = Received(cast(str, envelope.mail_from), list(envelope.rcpt_tos),
+                       cast(bytes, envelope.original_content),
                        self.up.encrypted(session), getattr(session, "relay_login", None))
         self.up.transports.append(server.transport)
         if self.up.drop_after_dot > 0:
             # the message arrived whole; the connection dies before the reply
             self.up.drop_after_dot -= 1
             self.up.dropped.append(got)
-            server.transport.abort()
+            cast(Any, server.transport).abort()
             await asyncio.sleep(3600)
         if self.up.data_delay:
             await asyncio.sleep(self.up.data_delay)
@@ -94,11 +103,11 @@ class _Handler:
 class _CountingSMTP(SMTP):
     """aiosmtpd's SMTP, counting the connections open at once."""
 
-    def __init__(self, upstream, *args, **kw):
+    def __init__(self, upstream: Upstream, *args: Any, **kw: Any) -> None:
         self._up = upstream
         super().__init__(*args, **kw)
 
-    def connection_made(self, transport):
+    def connection_made(self, transport: Any) -> None:
         if self._original_transport is None:  # not the TLS layer STARTTLS adds
             with self._up.lock:
                 self._up.connections += 1
@@ -106,7 +115,7 @@ class _CountingSMTP(SMTP):
                 self._up.max_open = max(self._up.max_open, self._up.open_now)
         super().connection_made(transport)
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         with self._up.lock:
             self._up.open_now -= 1
         super().connection_lost(exc)
@@ -115,16 +124,16 @@ class _CountingSMTP(SMTP):
 class _Controller(Controller):
     """aiosmtpd's threaded controller on a socket bound beforehand (port 0)."""
 
-    def __init__(self, upstream, sock, **kw):
+    def __init__(self, upstream: Upstream, sock: socket.socket, **kw: Any) -> None:
         self._up = upstream
         self._sock = sock
         super().__init__(_Handler(upstream), hostname="127.0.0.1",
                          port=sock.getsockname()[1], **kw)
 
-    def factory(self):
+    def factory(self) -> _CountingSMTP:
         return _CountingSMTP(self._up, self.handler, **self.SMTP_kwargs)
 
-    def _create_server(self):
+    def _create_server(self) -> Any:
         return self.loop.create_server(self._factory_invoker, sock=self._sock,
                                        ssl=self.ssl_context)
 
@@ -138,24 +147,30 @@ class Upstream:
     ``cert``: (certificate, key) paths; the CA's localhost pair by default.
     """
 
-    def __init__(self, ca, mode="starttls", users=None, auth_plaintext=False, cert=None,
-                 exclude_auth=(), data_size_limit=None, idle_timeout=60, pipelining=False,
-                 tls_versions=None):
+    def __init__(self, ca: Any, mode: str = "starttls", users: dict[str, str] | None = None,
+                 auth_plaintext: bool = False, cert: tuple[Any, Any] | None = None,
+                 exclude_auth: tuple[str, ...] | list[str] = (),
+                 data_size_limit: int | None = None, idle_timeout: float = 60,
+                 pipelining: bool = False,
+                 tls_versions: tuple[ssl.TLSVersion, ssl.TLSVersion] | None = None) -> None:
         self.ca = ca
         self.pipelining = pipelining
         self.mode = mode
         self.users = users
-        self.messages = []  # accepted
-        self.refused = []  # refused at the end of data
-        self.dropped = []  # received whole, connection dropped before the reply
-        self.mail_commands = []  # (address, over TLS, options)
-        self.rcpt_commands = []
-        self.auth_attempts = []  # (mechanism, login, over TLS, succeeded)
-        self.transports = []
-        self.mail_reply = None  # fn(address) -> reply text or None (accept)
-        self.rcpt_reply = None
-        self.data_reply = None  # fn(Received) -> reply text or None (250)
-        self.data_delay = 0
+        self.messages: list[Received] = []  # accepted
+        self.refused: list[Received] = []  # refused at the end of data
+        self.dropped: list[Received] = []  # received whole, connection dropped before the reply
+        self.mail_commands: list[tuple[str, bool, list[str]]] = []  # (address, over TLS, options)
+        self.rcpt_commands: list[str] = []
+        # (mechanism, login, over TLS, succeeded)
+        self.auth_attempts: list[tuple[str, bytes | None, bool, bool]] = []
+        self.transports: list[Any] = []
+        # fn(address) -> reply text or None (accept)
+        self.mail_reply: Callable[[str], str | None] | None = None
+        self.rcpt_reply: Callable[[str], str | None] | None = None
+        # fn(Received) -> reply text or None (250)
+        self.data_reply: Callable[[Received], str | None] | None = None
+        self.data_delay: float = 0
         self.drop_after_dot = 0
         self.lock = threading.Lock()
         self.connections = 0
@@ -170,7 +185,7 @@ class Upstream:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 context.minimum_version, context.maximum_version = tls_versions
             context.set_ciphers("DEFAULT:@SECLEVEL=0")
-        kw = dict(server_hostname="upstream.test", timeout=idle_timeout)
+        kw: dict[str, Any] = dict(server_hostname="upstream.test", timeout=idle_timeout)
         if mode == "starttls":
             kw["tls_context"] = context
         elif mode == "tls":
@@ -189,21 +204,23 @@ class Upstream:
         self.port = self._sock.getsockname()[1]
         self._controller = _Controller(self, self._sock, **kw)
 
-    def _authenticate(self, server, session, envelope, mechanism, data):
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                      mechanism: str, data: Any) -> AuthResult:
         login = getattr(data, "login", None)
-        ok = (login is not None and self.users.get(login.decode()) is not None
-              and self.users[login.decode()].encode() == data.password)
+        users = self.users or {}
+        ok = (login is not None and users.get(login.decode()) is not None
+              and users[login.decode()].encode() == data.password)
         self.auth_attempts.append((mechanism, login, self.encrypted(session), ok))
         if ok:
-            session.relay_login = login
+            session.relay_login = login  # type: ignore[attr-defined]
         # handled=False: aiosmtpd then answers 535 itself
         return AuthResult(success=ok, handled=False)
 
-    def encrypted(self, session):
+    def encrypted(self, session: Session) -> bool:
         # aiosmtpd sets session.ssl after STARTTLS only
         return self.mode == "tls" or session.ssl is not None
 
-    def start(self):
+    def start(self) -> Upstream:
         self._controller.start()
         # the controller's own probe connection is not a client's
         deadline = time.monotonic() + 5
@@ -213,14 +230,14 @@ class Upstream:
             self.connections = self.max_open = 0
         return self
 
-    def stop(self):
+    def stop(self) -> None:
         self._controller.stop()
 
-    def drop_connections(self):
+    def drop_connections(self) -> None:
         """Abort every connection it served a message on, from its own thread, and wait."""
         done = threading.Event()
 
-        def abort():
+        def abort() -> None:
             for t in self.transports:
                 t.abort()
             done.set()
@@ -229,14 +246,14 @@ class Upstream:
         assert done.wait(5)
         time.sleep(0.05)  # let the kernel deliver the RST to the client's socket
 
-    def __enter__(self):
+    def __enter__(self) -> Upstream:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def free_port():
+def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -248,22 +265,22 @@ def free_port():
 class SinkMessage:
     helo: str
     mail_args: str
-    rcpt_args: list
+    rcpt_args: list[str]
     content: bytes  # as dumped: LF line ends
 
 
 class SmtpSink:
     """Postfix's smtp-sink on 127.0.0.1, each message dumped to ``directory``."""
 
-    def __init__(self, directory, *options):
+    def __init__(self, directory: str | os.PathLike[str], *options: str) -> None:
         self.tool = require_tool("smtp-sink")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.options = list(options)
-        self.proc = None
-        self.port = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port: int | None = None
 
-    def start(self):
+    def start(self) -> SmtpSink:
         for _ in range(5):
             self.port = free_port()
             args = [self.tool]
@@ -281,29 +298,30 @@ class SmtpSink:
                 except OSError:
                     time.sleep(0.02)
             self.stop()
-        raise RuntimeError(f"smtp-sink did not start: {self.proc.stderr.read()!r}")
+        stderr = self.proc.stderr.read() if self.proc and self.proc.stderr else b""
+        raise RuntimeError(f"smtp-sink did not start: {stderr!r}")
 
-    def stop(self):
+    def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(5)
 
-    def messages(self):
+    def messages(self) -> list[SinkMessage]:
         out = []
         for path in sorted(self.directory.iterdir(), key=lambda p: p.stat().st_mtime_ns):
             out.append(parse_sink_dump(path.read_bytes()))
         return out
 
-    def __enter__(self):
+    def __enter__(self) -> SmtpSink:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def parse_sink_dump(data):
+def parse_sink_dump(data: bytes) -> SinkMessage:
     """An smtp-sink dump -> SinkMessage (its own headers and trailing empty line removed)."""
-    helo, mail, rcpts = "", "", []
+    helo, mail, rcpts = "", "", list[str]()
     rest = data
     while True:
         line, _, rest = rest.partition(b"\n")
@@ -323,7 +341,7 @@ def parse_sink_dump(data):
     return SinkMessage(helo, mail, rcpts, rest[:-1])
 
 
-def silent_listener():
+def silent_listener() -> socket.socket:
     """A listening socket nobody accepts on: connections succeed, no greeting ever."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

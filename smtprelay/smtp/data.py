@@ -1,19 +1,15 @@
-"""The bytes of an SMTP DATA phase, both ways: pure streaming codecs, no I/O.
+"""The bytes of an SMTP DATA phase as received: a pure streaming codec, no I/O.
 
-This module owns where a message body ends and what its bytes become:
-
-- ``DataReader`` (server side) is fed what a client sends after ``354`` in the
-  chunks TCP happens to deliver, and yields the message as it will be stored
-  (CRLF line ends, dot-stuffing removed) until the end of data. The end of data
-  is ``CRLF . CRLF`` (or ``. CRLF`` as the very first line) and nothing else, so
-  no bare CR or LF trick can end a message early or start a second one (SMTP
-  smuggling). Bare line ends are normalised or rejected, NUL bytes, over-long
-  lines and over-size bodies are refused, and after a refusal the rest is read
-  and discarded, with bounded memory, up to the real end of data.
-- ``OutboundEncoder`` (client side) turns a stored message, in any chunks, into
-  the payload sent after an upstream server's ``354``: canonical CRLF,
-  dot-stuffed line by line, lines over 998 octets folded as Postfix's
-  ``smtp_line_length_limit`` does, and exactly one end of data, at the end.
+This module owns where a received message body ends and what its bytes
+become. ``DataReader`` (server side) is fed what a client sends after ``354``
+in the chunks TCP happens to deliver, and yields the message as it will be
+stored (CRLF line ends, dot-stuffing removed) until the end of data. The end
+of data is ``CRLF . CRLF`` (or ``. CRLF`` as the very first line) and nothing
+else, so no bare CR or LF trick can end a message early or start a second one
+(SMTP smuggling). Bare line ends are normalised or rejected, NUL bytes,
+over-long lines and over-size bodies are refused, and after a refusal the rest
+is read and discarded, with bounded memory, up to the real end of data. (The
+way back out, dot-stuffing for an upstream, is :mod:`smtprelay.dotstuff`.)
 
 Content comes out line by line: a line is produced only once its line end has
 been seen. That makes what ``DataReader`` produces (including how much was
@@ -21,15 +17,19 @@ produced before an error) a function of the bytes alone, never of how they
 were chunked, and bounds what is held back to one partial line.
 """
 
+from __future__ import annotations
+
 import re
 from typing import NamedTuple
 
 import attr
 
+# Module globals under the names the hot loops below were written with.
+from smtprelay.dotstuff import CR as _CR
+from smtprelay.dotstuff import LF as _LF
+from smtprelay.dotstuff import has_long_line as _has_long_line
+
 _END = b"\r\n.\r\n"
-_CR = 0x0D
-_LF = 0x0A
-_DOT = 0x2E
 # The bytes after which the careful path must stop and think.
 _SPECIAL = re.compile(rb"[\r\n\x00]")
 
@@ -42,7 +42,7 @@ class DataError:
     status: str
     text: str
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.code} {self.status} {self.text}"
 
 
@@ -65,24 +65,27 @@ class FeedResult(NamedTuple):
     rest: bytes
 
 
-def _has_long_line(text, end, limit, sep_len, used=0):
-    """True if a line in ``text[:end]`` is longer than ``limit`` octets.
+def _unstuff(complete: bytes, bare: bool) -> bytes:
+    """The stored form of ``complete``, whole lines that hold no NUL.
 
-    ``text[:end]`` must be whole lines, each ending in ``\\n`` (``sep_len`` 1)
-    or ``\\r\\n`` (``sep_len`` 2) with no other CR or LF in them; the first
-    line already has ``used`` octets before it. Rather than splitting into
-    lines, jump to the last line end within reach of each line start: a run
-    of short lines costs one C-level ``rfind`` per ``limit`` octets.
+    ``bare``: the lines end in ``\\n`` (bare line ends already normalised),
+    else in real CRLFs. One call per chunk, all C-level replaces.
     """
-    p = 0
-    room = limit - used
-    while end - p > room + sep_len:
-        q = text.rfind(b"\n", p, p + room + sep_len)
-        if q < 0:
-            return True
-        p = q + 1
-        room = limit
-    return False
+    if bare:
+        # Unstuff every line start, but a line that is just "." keeps its
+        # dot. NUL (absent, checked by the caller) marks line-start dots; those
+        # followed by a line end are put back (twice: a run of "." lines
+        # shares line ends, so one replace pass skips every other one).
+        marked = (b"\n" + complete).replace(b"\n.", b"\n\x00")
+        marked = marked.replace(b"\n\x00\n", b"\n.\n").replace(b"\n\x00\n", b"\n.\n")
+        return marked.replace(b"\x00", b"").replace(b"\n", b"\r\n")[2:]
+    # With only real CRLFs, a "." line after a CRLF would have been the
+    # end of data; so every line start dot here is stuffing, except a
+    # first line "." that follows a bare line end.
+    content = complete.replace(b"\r\n.", b"\r\n")
+    if complete[:1] == b"." and complete[:3] != b".\r\n":
+        content = content[1:]
+    return content
 
 
 class DataReader:
@@ -95,9 +98,11 @@ class DataReader:
     the body up to the real end of data.
     """
 
-    def __init__(self, max_line_length=65536, max_size=35_000_000, bare_newlines="normalize"):
+    def __init__(self, max_line_length: int = 65536, max_size: int = 35_000_000,
+                 bare_newlines: str = "normalize") -> None:
         if bare_newlines not in ("normalize", "reject"):
-            raise ValueError(f"bare_newlines must be 'normalize' or 'reject', not {bare_newlines!r}")
+            raise ValueError("bare_newlines must be 'normalize' or 'reject', "
+                             f"not {bare_newlines!r}")
         if max_line_length < 1:
             raise ValueError("max_line_length must be at least 1")
         if max_size < 0:
@@ -106,7 +111,7 @@ class DataReader:
         self.max_size = max_size
         self.bare_newlines = bare_newlines
         self._reject = bare_newlines == "reject"
-        self.error = None
+        self.error: DataError | None = None
         self.size = 0
         # Exact while error is None; after an error, only what was looked at.
         self.bare_newlines_seen = False
@@ -122,11 +127,11 @@ class DataReader:
         self._after_crlf = True
 
     @property
-    def buffered(self):
+    def buffered(self) -> int:
         """How many bytes are held back waiting for the rest of their line."""
         return len(self._line) + self._cr + len(self._tail)
 
-    def feed(self, chunk):
+    def feed(self, chunk: bytes | bytearray | memoryview) -> FeedResult:
         """Consume one chunk; return a ``FeedResult``."""
         if self.done:
             raise RuntimeError("DataReader.feed() called after the end of data")
@@ -148,7 +153,7 @@ class DataReader:
             self._tail = b""
         return FeedResult(content, cut >= 0, rest)
 
-    def _find_end(self, chunk):
+    def _find_end(self, chunk: bytes) -> int:
         """Offset just past the end of data in ``chunk``, or -1.
 
         Every CR followed by LF is a real CRLF, so the end of data is simply the
@@ -163,7 +168,7 @@ class DataReader:
         m = chunk.find(_END)
         return m + len(_END) if m >= 0 else -1
 
-    def _content(self, region, final):
+    def _content(self, region: bytes, final: bool) -> bytes:
         """Content for ``region``; with ``final``, it ends with the terminating ``.\\r\\n``."""
         if not self._cr and b"\n" not in region and b"\r" not in region and b"\x00" not in region:
             # Middle of a long line: append without re-copying what is held.
@@ -180,14 +185,14 @@ class DataReader:
             content = self._careful(region)
         return content
 
-    def _fail(self, error):
+    def _fail(self, error: DataError) -> None:
         if self.error is None:
             self.error = error
         # Nothing held is needed any more: only the tail, to find the end.
         self._line = bytearray()
         self._cr = False
 
-    def _bulk(self, data, final):
+    def _bulk(self, data: bytes, final: bool) -> bytes | None:
         """Whole-chunk path built on C-level bytes operations; None if it cannot.
 
         ``data`` starts at a line start. It handles clean CRLF text and, in
@@ -221,22 +226,7 @@ class DataReader:
         limit = self.max_line_length
         if len(text) - end > limit or _has_long_line(text, end, limit, len(sep)):
             return None
-        complete = text[:end]
-        if bare:
-            # Unstuff every line start, but a line that is just "." keeps its
-            # dot. NUL (absent, checked above) marks line-start dots; those
-            # followed by a line end are put back (twice: a run of "." lines
-            # shares line ends, so one replace pass skips every other one).
-            marked = (b"\n" + complete).replace(b"\n.", b"\n\x00")
-            marked = marked.replace(b"\n\x00\n", b"\n.\n").replace(b"\n\x00\n", b"\n.\n")
-            content = marked.replace(b"\x00", b"").replace(b"\n", b"\r\n")[2:]
-        else:
-            # With only real CRLFs, a "." line after a CRLF would have been the
-            # end of data; so every line start dot here is stuffing, except a
-            # first line "." that follows a bare line end.
-            content = complete.replace(b"\r\n.", b"\r\n")
-            if complete[:1] == b"." and complete[:3] != b".\r\n":
-                content = content[1:]
+        content = _unstuff(text[:end], bare)
         if bare:
             self.bare_newlines_seen = True
         room = self.max_size - self.size
@@ -260,9 +250,9 @@ class DataReader:
                 self._after_crlf = True
         return content
 
-    def _careful(self, region):
+    def _careful(self, region: bytes) -> bytes:
         """Line by line, exactly as the contract reads; used when an error is due."""
-        out = []
+        out: list[bytes] = []
         pos = 0
         n = len(region)
         limit = self.max_line_length
@@ -298,7 +288,7 @@ class DataReader:
                 self._cr = True
         return b"".join(out)
 
-    def _end_line(self, out, crlf):
+    def _end_line(self, out: list[bytes], crlf: bool) -> bool:
         """Finish the held line; True if it was the end of data."""
         line = self._line
         if crlf and self._after_crlf and line == b".":
@@ -320,94 +310,3 @@ class DataReader:
         line.clear()
         self._after_crlf = crlf
         return False
-
-
-class OutboundEncoder:
-    """Client side of DATA: from a stored message to the bytes after ``354``.
-
-    Any input (canonical CRLF or not, any chunking) gives CRLF lines,
-    dot-stuffed line by line, no wire line over ``max_line_length`` octets
-    (RFC 5321 does not count the stuffing dot, nor does Postfix), and exactly
-    one end of data: the one ``finish()`` writes. Twisted's own sender
-    dot-stuffs each chunk on its own and so misses a "." at a chunk start.
-    """
-
-    def __init__(self, max_line_length=998):
-        if max_line_length == 1 or max_line_length < 0:
-            # A continuation line holds its leading space: it needs room for one more octet.
-            raise ValueError("max_line_length must be 0 (no folding) or at least 2")
-        self.max_line_length = max_line_length
-        # Octets on the wire line being written, not counting a stuffing dot;
-        # 0 means at a line start.
-        self._used = 0
-        # A chunk ended in CR, already written as CRLF: an LF next is its other half.
-        self._skip_lf = False
-        self._finished = False
-
-    def feed(self, chunk):
-        """Wire bytes for ``chunk``."""
-        if self._finished:
-            raise RuntimeError("OutboundEncoder.feed() called after finish()")
-        if not isinstance(chunk, bytes):
-            chunk = bytes(chunk)
-        if not chunk:
-            return b""
-        if self._skip_lf:
-            self._skip_lf = False
-            if chunk[0] == _LF:
-                chunk = chunk[1:]
-                if not chunk:
-                    return b""
-        ncrlf = chunk.count(b"\r\n")
-        if chunk.count(b"\r") != ncrlf or chunk.count(b"\n") != ncrlf:
-            # A CR at the end may be half a CRLF: write CRLF now and drop the LF if it comes.
-            self._skip_lf = chunk[-1] == _CR
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        k = chunk.rfind(b"\r\n")
-        limit = self.max_line_length
-        if limit:
-            if k < 0:
-                too_long = self._used + len(chunk) > limit
-            else:
-                too_long = len(chunk) - k - 2 > limit or _has_long_line(chunk, k + 2, limit, 2, self._used)
-            if too_long:
-                return self._fold(chunk)
-        wire = chunk.replace(b"\r\n.", b"\r\n..")
-        if self._used == 0 and chunk[0] == _DOT:
-            wire = b"." + wire
-        self._used = self._used + len(chunk) if k < 0 else len(chunk) - k - 2
-        return wire
-
-    def _fold(self, chunk):
-        """Line by line for chunks with an over-long line (CRLF-canonical input)."""
-        out = []
-        limit = self.max_line_length
-        for i, seg in enumerate(chunk.split(b"\r\n")):
-            if i:
-                out.append(b"\r\n")
-                self._used = 0
-            if not seg:
-                continue
-            if self._used == 0 and seg[0] == _DOT:
-                out.append(b".")
-            pos = 0
-            while pos < len(seg):
-                if self._used == limit:
-                    # Postfix folds only when more of the line follows, so a line
-                    # of exactly the limit goes out whole.
-                    out.append(b"\r\n ")
-                    self._used = 1
-                take = min(limit - self._used, len(seg) - pos)
-                out.append(seg[pos : pos + take])
-                self._used += take
-                pos += take
-        return b"".join(out)
-
-    def finish(self):
-        """The last wire bytes: a line end if the message lacked one, then the end of data."""
-        if self._finished:
-            raise RuntimeError("OutboundEncoder.finish() called twice")
-        self._finished = True
-        # At a line start (including an empty message) ".\r\n" follows the
-        # CRLF that ended the previous line, or the CRLF of the DATA command.
-        return b"\r\n.\r\n" if self._used else b".\r\n"

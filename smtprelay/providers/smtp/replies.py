@@ -1,6 +1,6 @@
 """What an upstream SMTP server's replies mean: pure functions, no I/O.
 
-The SMTP provider (``smtprelay.providers.smtp``) does the talking; this
+The SMTP provider (:mod:`smtprelay.providers.smtp`) does the talking; this
 module owns the reading of what was said:
 
 - ``parse_reply_line`` / ``Reply``: one reply (possibly multi-line) and its
@@ -15,6 +15,8 @@ module owns the reading of what was said:
 - ``describe_failure``: a one-line reason for a connection, TLS or timeout
   failure ("TLS: certificate verify failed (hostname mismatch ...)").
 """
+
+from __future__ import annotations
 
 import re
 
@@ -31,7 +33,7 @@ SESSION_STAGES = frozenset({"greeting", "ehlo", "helo", "starttls", "auth", "rse
 # Stages of a transaction: the reply concerns this message (or this recipient).
 
 
-def one_line(text, limit=MAX_DETAIL):
+def one_line(text: str, limit: int = MAX_DETAIL) -> str:
     """``text`` without control characters or runs of spaces, at most ``limit`` long."""
     text = _SPACES.sub(" ", _CONTROL.sub(" ", text)).strip()
     if len(text) > limit:
@@ -43,7 +45,7 @@ class MalformedReply(ValueError):
     """A line that is not ``DDD[ -]text``: the server does not speak SMTP."""
 
 
-def parse_reply_line(line):
+def parse_reply_line(line: bytes) -> tuple[int, bool, str]:
     """``b"250-SIZE 1000"`` -> ``(250, False, "SIZE 1000")``; the bool says final.
 
     A reply line is three digits, then a space (last line), a hyphen (more
@@ -65,29 +67,29 @@ class Reply:
     """One complete reply: its code and the text of each line."""
 
     code: int
-    lines: tuple = ()
+    lines: tuple[str, ...] = ()
 
     @property
-    def text(self):
+    def text(self) -> str:
         return " ".join(line.strip() for line in self.lines if line.strip())
 
     @property
-    def positive(self):
+    def positive(self) -> bool:
         return 200 <= self.code < 300
 
     @property
-    def enhanced(self):
+    def enhanced(self) -> str | None:
         """The RFC 3463 status ("5.1.1") when the text starts with one."""
         m = re.match(r"([245]\.\d{1,3}\.\d{1,3})\b", self.text)
         return m.group(1) if m else None
 
-    def __str__(self):
+    def __str__(self) -> str:
         """One line: ``550 5.1.1 <x@y>: Recipient address rejected``.
 
         A multi-line reply repeats its enhanced code on each line; it is
         shown once.
         """
-        parts = []
+        parts: list[str] = []
         status = self.enhanced
         for line in self.lines:
             line = line.strip()
@@ -98,10 +100,10 @@ class Reply:
         return one_line(f"{self.code} {' '.join(parts)}".strip())
 
 
-def parse_ehlo(reply):
+def parse_ehlo(reply: Reply) -> dict[str, str]:
     """EHLO reply -> ``{KEYWORD: "params"}`` (keywords upper-cased; the first
     line is the server's name, not an extension)."""
-    out = {}
+    out: dict[str, str] = {}
     for line in reply.lines[1:]:
         words = line.strip().split(None, 1)
         if not words:
@@ -117,14 +119,14 @@ def parse_ehlo(reply):
     return out
 
 
-def auth_mechanisms(extensions):
+def auth_mechanisms(extensions: dict[str, str]) -> set[str]:
     """The SASL mechanisms offered, upper-cased."""
     if "AUTH" not in extensions:
         return set()
     return {m.upper() for m in extensions["AUTH"].split()}
 
 
-def choose_auth(extensions):
+def choose_auth(extensions: dict[str, str]) -> str | None:
     """"PLAIN" or "LOGIN" (in that order of preference), or None."""
     offered = auth_mechanisms(extensions)
     for mechanism in ("PLAIN", "LOGIN"):
@@ -133,7 +135,7 @@ def choose_auth(extensions):
     return None
 
 
-def size_limit(extensions):
+def size_limit(extensions: dict[str, str]) -> int | None:
     """The server's SIZE limit in octets, or None when it declares none."""
     value = extensions.get("SIZE", "").strip()
     if value.isdigit() and int(value) > 0:
@@ -141,7 +143,7 @@ def size_limit(extensions):
     return None
 
 
-def classify(reply, stage):
+def classify(reply: Reply, stage: str) -> Result:
     """The :class:`Result` of ``reply`` to the command of ``stage``.
 
     2xx is sent, 4xx temporary, 5xx permanent: for the message stages
@@ -179,7 +181,7 @@ _QUEUE_ID = (
 )
 
 
-def queue_id(reply):
+def queue_id(reply: Reply) -> str | None:
     """The upstream's id for an accepted message, when its reply names one."""
     text = reply.text
     for pattern in _QUEUE_ID:
@@ -189,7 +191,7 @@ def queue_id(reply):
     return None
 
 
-def overall(results):
+def overall(results: dict[str, tuple[Result, str]]) -> Result:
     """The result that stands for a set of per-recipient results.
 
     SENT as soon as one recipient got it (the rest is reported per
@@ -203,7 +205,7 @@ def overall(results):
     return Result.PERMANENT
 
 
-def combine(results):
+def combine(results: dict[str, tuple[Result, str]]) -> tuple[Result, str]:
     """``{address: (Result, detail)}`` -> ``(Result, detail)`` for the whole message.
 
     One detail when all recipients share it, else ``address: detail`` pairs
@@ -220,9 +222,9 @@ def combine(results):
 # -- failures without a reply ----------------------------------------------------------
 
 
-def _ssl_reasons(exc):
+def ssl_reasons(exc: BaseException) -> list[str]:
     """The reason strings of an OpenSSL error (``[(lib, func, reason), ...]``)."""
-    reasons = []
+    reasons: list[str] = []
     for arg in getattr(exc, "args", ()):
         if isinstance(arg, list):
             for item in arg:
@@ -235,7 +237,7 @@ def _ssl_reasons(exc):
     return [r for r in reasons if r]
 
 
-def is_tls_failure(exc):
+def is_tls_failure(exc: BaseException | None) -> bool:
     """True for a failed TLS handshake or certificate verification."""
     from OpenSSL import SSL
 
@@ -248,7 +250,8 @@ def is_tls_failure(exc):
     return isinstance(exc, VerificationError)
 
 
-def describe_tls_failure(exc, host, verify_reason=None):
+def describe_tls_failure(exc: BaseException, host: str,
+                         verify_reason: str | None = None) -> str:
     """One line for a failed handshake: what went wrong, as an admin would search it.
 
     ``verify_reason`` is what the certificate chain check said, when known
@@ -259,7 +262,7 @@ def describe_tls_failure(exc, host, verify_reason=None):
     if isinstance(exc, VerificationError):
         return (f"TLS: certificate verify failed (hostname mismatch: the certificate "
                 f"is not valid for {host})")
-    reasons = _ssl_reasons(exc)
+    reasons = ssl_reasons(exc)
     if any("certificate verify failed" in r for r in reasons):
         why = f" ({verify_reason})" if verify_reason else ""
         return f"TLS: certificate verify failed{why}"
@@ -268,7 +271,8 @@ def describe_tls_failure(exc, host, verify_reason=None):
     return "TLS: handshake failed"
 
 
-def describe_connection_failure(exc, host, port, timeout):
+def describe_connection_failure(exc: BaseException, host: str, port: int,
+                                timeout: float) -> str:
     """One line for a connection that could not be made or was lost."""
     from twisted.internet import defer, error
 
