@@ -11,7 +11,7 @@ import datetime
 import re
 
 from smtprelay import policy
-from smtprelay.logs import secret_forms
+from smtprelay.scrub import scrub
 from smtprelay.store._sql import DeliveryQuery, decode_cursor
 
 STATUSES = ("queued", "deferred", "sent", "failed")
@@ -213,9 +213,7 @@ def safe_reason(e, secrets=()):
     text = (e if isinstance(e, str) else str(e)) or type(e).__name__
     if isinstance(e, ImportError):
         text = f"not available in this installation ({e.name or text})"
-    forms = {f for s in secrets if s for f in secret_forms(s)}
-    for secret in sorted(forms, key=len, reverse=True):
-        text = text.replace(secret, "[redacted]")
+    text = scrub(text, secrets)
     lines = text.splitlines()
     return lines[0] if lines else ""
 
