@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import sys
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.logger import ILogObserver, jsonFileLogObserver, textFileLogObserver
 from twisted.python import logfile
@@ -44,12 +44,12 @@ class _ScrubbingFile(io.TextIOBase):
 
 def text_observer(out: IO[str] | logfile.LogFile | None = None) -> ILogObserver:
     """Plain text, one event per line (with tracebacks), secrets scrubbed."""
-    return textFileLogObserver(_ScrubbingFile(out or sys.stdout))
+    return textFileLogObserver(cast(IO[str], _ScrubbingFile(out or sys.stdout)))
 
 
 def json_observer(out: IO[str] | logfile.LogFile | None = None) -> ILogObserver:
     """JSON lines (twisted.logger's format), secrets scrubbed."""
-    return jsonFileLogObserver(_ScrubbingFile(out or sys.stdout))
+    return jsonFileLogObserver(cast(IO[str], _ScrubbingFile(out or sys.stdout)))
 
 
 def observer_for_twistd(twistd_options: dict[str, Any] | None) -> ILogObserver | None:
