@@ -81,7 +81,7 @@ class GmailProvider(ProviderBase):
     def send(self, message: OutgoingMessage) -> Generator[defer.Deferred[Any], Any, Outcome]:
         mailbox = message.mailbox or self._default
         try:
-            head, offset, total = read_head(cast(Any, message.body))
+            head, offset, total = read_head(message.body)
         except OSError as e:
             return Outcome.temporary(f"cannot read the stored message: {e.strerror or e}")
         if head is None:
@@ -115,7 +115,7 @@ class GmailProvider(ProviderBase):
 
     def _post(self, message: OutgoingMessage, cred: Credential, token: str, head: bytes,
               offset: int, size: int) -> defer.Deferred[rules.Answer]:
-        return self._requests.upload(cred.mailbox, token, head, cast(Any, message.body),
+        return self._requests.upload(cred.mailbox, token, head, message.body,
                                      offset, size)
 
     def _note_changes(self, message: OutgoingMessage, mailbox: str, reconciled: Any) -> None:

@@ -37,7 +37,7 @@ from smtprelay.providers.gmail import classify as rules
 from smtprelay.scrub import redact
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IConsumer, IReactorTime
+    from twisted.internet.interfaces import IConsumer
 
 MAX_HEADER_BLOCK = 1 << 20
 CHUNK = 1 << 16
@@ -125,7 +125,8 @@ def read_head(body: IO[bytes]) -> tuple[bytes | None, int, int]:
 class GmailRequests:
     """The Gmail API of one provider: its endpoint, HTTP client and connection pool."""
 
-    def __init__(self, reactor: IReactorTime, api_endpoint: str, ca_file: str, timeout: float,
+    # the reactor: treq's (TCP, time, name resolution), which no single interface names
+    def __init__(self, reactor: Any, api_endpoint: str, ca_file: str, timeout: float,
                  service_account: bool, max_per_host: int) -> None:
         self._reactor = reactor
         self.api = api_endpoint.rstrip("/")
@@ -150,10 +151,11 @@ class GmailRequests:
         failures included); CancelledError when the caller gave up on it."""
         url = self.url(mailbox, "/upload/gmail/v1/users/{user}/messages/send")
         producer = MessageProducer(head, body, offset, size, self._cooperator.cooperate)
-        headers = {"Authorization": f"Bearer {token}",
-                   "Content-Type": "message/rfc822",
-                   "Accept": "application/json",
-                   "User-Agent": f"smtprelay/{__version__}"}
+        headers: dict[bytes | str, bytes | str] = {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "message/rfc822",
+            "Accept": "application/json",
+            "User-Agent": f"smtprelay/{__version__}"}
         state: dict[str, Any] = {"timed_out": False, "current": None}
         budget = self.budget(size)
 
@@ -190,8 +192,9 @@ class GmailRequests:
         """``GET .../profile`` as ``mailbox`` -> Deferred[(status, body)]; a connection
         failure or no answer within ``timeout`` is raised."""
         url = self.url(mailbox, "/gmail/v1/users/{user}/profile")
-        d = self._http.get(url, headers={"Authorization": f"Bearer {token}"},
-                           allow_redirects=False, unbuffered=True, reactor=self._reactor)
+        headers: dict[bytes | str, bytes | str] = {"Authorization": f"Bearer {token}"}
+        d = self._http.get(url, headers=headers, allow_redirects=False, unbuffered=True,
+                           reactor=self._reactor)
         d.addTimeout(self.timeout, self._reactor)
         response = yield d
         body = yield read_body(response)
