@@ -6,7 +6,8 @@ configuration document, google-auth refreshes on the token threads, the upload
 goes through treq.  Nothing sleeps on purpose; the only waits are the provider's
 own (1 s) timeouts where a timeout is the point.
 
-The pure rules are tested here too (tests of :mod:`smtprelay.providers.gmail.classify`), without sockets.
+The pure rules are tested here too (tests of :mod:`smtprelay.providers.gmail.classify`),
+without sockets.
 """
 
 import atexit
@@ -624,8 +625,8 @@ class ErrorTests(GmailCase):
         # success resets it
         self.fake.clear_faults()
         yield p.send(self.outgoing())
-        self.assertEqual((p._tokens._cache[ALICE].backoff_level, p._tokens._cache[ALICE].backoff_until),
-                         (-1, 0.0))
+        cred = p._tokens._cache[ALICE]
+        self.assertEqual((cred.backoff_level, cred.backoff_until), (-1, 0.0))
 
     @defer.inlineCallbacks
     def test_gmail_rate_limit_message_names_the_time(self):
