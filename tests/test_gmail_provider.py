@@ -1,4 +1,4 @@
-"""The gmail provider (smtprelay/providers/gmail.py) against the fake Google, over HTTPS.
+"""The gmail provider (smtprelay/providers/gmail/) against the fake Google, over HTTPS.
 
 Owns the provider's behaviour with real sockets and real google-auth: FakeGoogle
 runs in-process on loopback with the test CA, the provider is built from a real
@@ -6,7 +6,8 @@ configuration document, google-auth refreshes on the token threads, the upload
 goes through treq.  Nothing sleeps on purpose; the only waits are the provider's
 own (1 s) timeouts where a timeout is the point.
 
-The pure rules are tested here too (tests of :mod:`gmail_rules`), without sockets.
+The pure rules are tested here too (tests of :mod:`smtprelay.providers.gmail.classify`),
+without sockets.
 """
 
 import atexit
@@ -25,8 +26,12 @@ from twisted.trial import unittest
 
 from smtprelay.config import parse
 from smtprelay.model import Result
-from smtprelay.providers import gmail, gmail_rules as rules
+from smtprelay.providers import gmail
+from smtprelay.providers.gmail import classify as rules
+from smtprelay.providers.gmail import credentials as gmail_credentials
+from smtprelay.providers.gmail import requests as gmail_requests
 from smtprelay.providers.base import IProvider, OutgoingMessage
+from smtprelay.scrub import scrub_tokens
 from tests.fakes.gmail import GMAIL_SEND, FakeGoogle
 from tests.fakes.google_accounts import OAuthUser, ServiceAccountKey, new_private_key
 from tests.fakes.tlsca import TestCA
@@ -238,20 +243,20 @@ class ServiceAccountSendTests(GmailCase):
         self.delegate()
         p = self.provider()
         seen = []
-        original = p._refresh_blocking
+        original = p._tokens._refresh_blocking
 
         def spy(google):
             seen.append(threading.current_thread().name)
             return original(google)
 
-        p._refresh_blocking = spy
+        p._tokens._refresh_blocking = spy
         outcome = yield p.send(self.outgoing())
         self.assertEqual(outcome.result, Result.SENT)
         self.assertEqual(len(seen), 1)
         self.assertNotEqual(seen[0], threading.current_thread().name)
         self.assertIn("smtprelay-gmail-tokens", seen[0])
         yield p.stop()
-        self.assertFalse(p._threads._started)
+        self.assertFalse(p._tokens._threads._started)
 
     @defer.inlineCallbacks
     def test_unusable_ca_file_defers_and_warns(self):
@@ -268,7 +273,7 @@ class ServiceAccountSendTests(GmailCase):
 
     @defer.inlineCallbacks
     def test_credential_cache_is_bounded(self):
-        self.patch(gmail, "CACHE_SIZE", 2)
+        self.patch(gmail_credentials, "CACHE_SIZE", 2)
         self.delegate({"*": [GMAIL_SEND]})
         for n in range(4):
             self.fake.add_mailbox(f"u{n}@example.com")
@@ -277,7 +282,7 @@ class ServiceAccountSendTests(GmailCase):
             mailbox = f"u{n}@example.com"
             outcome = yield p.send(self.outgoing(raw_message(frm=mailbox), mailbox=mailbox))
             self.assertEqual(outcome.result, Result.SENT)
-        self.assertEqual(list(p._cache), ["u2@example.com", "u3@example.com"])
+        self.assertEqual(list(p._tokens._cache), ["u2@example.com", "u3@example.com"])
 
 
 class EnvelopeTests(GmailCase):
@@ -614,14 +619,14 @@ class ErrorTests(GmailCase):
         second = yield p.send(self.outgoing())
         self.assertEqual(second.not_before, first.not_before)
         # once the pause is over, the next one is twice as long
-        p._cache[ALICE].backoff_until = 0
+        p._tokens._cache[ALICE].backoff_until = 0
         third = yield p.send(self.outgoing())
         self.assertNear(third.not_before, time.time() + 120, delta=5)
         # success resets it
         self.fake.clear_faults()
         yield p.send(self.outgoing())
-        self.assertEqual((p._cache[ALICE].backoff_level, p._cache[ALICE].backoff_until),
-                         (-1, 0.0))
+        cred = p._tokens._cache[ALICE]
+        self.assertEqual((cred.backoff_level, cred.backoff_until), (-1, 0.0))
 
     @defer.inlineCallbacks
     def test_gmail_rate_limit_message_names_the_time(self):
@@ -713,7 +718,7 @@ class ErrorTests(GmailCase):
         p = self.provider()
         yield p.send(self.outgoing())  # a token first
         yield self.fake.refuse_connections()
-        yield p._pool.closeCachedConnections()
+        yield p._requests.pool.closeCachedConnections()
         outcome = yield p.send(self.outgoing())
         self.assertEqual(outcome.result, Result.TEMPORARY)
         self.assertFalse(outcome.ambiguous)
@@ -834,7 +839,7 @@ class RulesTests(unittest.SynchronousTestCase):
                          "credential")
 
     def test_scrub(self):
-        self.assertEqual(rules.scrub("Authorization: Bearer ya29.a0AfB_x-y.z and 1//0abc-def"),
+        self.assertEqual(scrub_tokens("Authorization: Bearer ya29.a0AfB_x-y.z and 1//0abc-def"),
                          "Authorization: Bearer [redacted] and [redacted]")
         self.assertEqual(rules.one_line("ya29.c.b0Aaek-secret"), "[redacted]")
 
@@ -861,10 +866,10 @@ class RulesTests(unittest.SynchronousTestCase):
                          "timed out")
 
     def test_read_head(self):
-        head, offset, total = gmail.read_head(io.BytesIO(b"A: b\r\n\r\nbody"))
+        head, offset, total = gmail_requests.read_head(io.BytesIO(b"A: b\r\n\r\nbody"))
         self.assertEqual((head, offset, total), (b"A: b\r\n\r\n", 8, 12))
         # the blank line across a read boundary
-        data = b"X: " + b"a" * (gmail.CHUNK - 5) + b"\r\n\r\nrest"
-        head, offset, total = gmail.read_head(io.BytesIO(data))
+        data = b"X: " + b"a" * (gmail_requests.CHUNK - 5) + b"\r\n\r\nrest"
+        head, offset, total = gmail_requests.read_head(io.BytesIO(data))
         self.assertEqual((len(head), total), (len(data) - 4, len(data)))
-        self.assertEqual(gmail.read_head(io.BytesIO(b"A: b\r\n")), (b"A: b\r\n", 6, 6))
+        self.assertEqual(gmail_requests.read_head(io.BytesIO(b"A: b\r\n")), (b"A: b\r\n", 6, 6))

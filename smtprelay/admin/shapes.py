@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from smtprelay import policy
-from smtprelay.logs import secret_forms
+from smtprelay.scrub import scrub
 from smtprelay.model import Status
 from smtprelay.store import (
     AttemptRow,
@@ -308,9 +308,7 @@ def safe_reason(e, secrets=()):
     text = (e if isinstance(e, str) else str(e)) or type(e).__name__
     if isinstance(e, ImportError):
         text = f"not available in this installation ({e.name or text})"
-    forms = {f for s in secrets if s for f in secret_forms(s)}
-    for secret in sorted(forms, key=len, reverse=True):
-        text = text.replace(secret, "[redacted]")
+    text = scrub(text, secrets)
     lines = text.splitlines()
     return lines[0] if lines else ""
 

@@ -12,17 +12,27 @@
   request can have reached the server: not an ambiguous outcome).
 """
 
+from __future__ import annotations
+
 import email.utils
 import json
+from collections.abc import Generator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import treq
 from OpenSSL import SSL
-from twisted.internet import defer, error as net_error
+from twisted.internet import defer
+from twisted.internet import error as net_error
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from zope.interface import alsoProvides, implementer
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.web.http_headers import Headers
+    from twisted.web.iweb import IResponse
 
 MAX_ERROR_BODY = 64 * 1024
 
@@ -31,10 +41,10 @@ MAX_ERROR_BODY = 64 * 1024
 class SystemAndFileTrust:
     """The platform's CA store, plus the certificates in ``ca_file`` if given."""
 
-    def __init__(self, ca_file=""):
+    def __init__(self, ca_file: str | bytes = "") -> None:
         self.ca_file = ca_file
 
-    def _addCACertsToContext(self, context):
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
         context.set_default_verify_paths()
         if self.ca_file:
             context.load_verify_locations(self.ca_file.encode() if isinstance(self.ca_file, str)
@@ -44,7 +54,7 @@ class SystemAndFileTrust:
 class TLSHandshakeLost(net_error.ConnectionLost):
     """The connection ended before its TLS handshake completed: nothing was sent."""
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "the connection was closed during the TLS handshake"
 
 
@@ -56,23 +66,23 @@ class _WatchHandshake:
     answered.  This tells them apart: a connection lost before the handshake
     completed is reported to the HTTP client as :class:`TLSHandshakeLost`."""
 
-    def __init__(self, inner):
+    def __init__(self, inner: IOpenSSLClientConnectionCreator) -> None:
         self._inner = inner
 
-    def clientConnectionForTLS(self, tlsProtocol):
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = self._inner.clientConnectionForTLS(tlsProtocol)
         app = tlsProtocol.wrappedProtocol
-        done = []
+        done: list[bool] = []
         earlier = getattr(app, "handshakeCompleted", None) \
             if IHandshakeListener.providedBy(app) else None
         lost = app.connectionLost
 
-        def handshakeCompleted():
+        def handshakeCompleted() -> None:
             done.append(True)
             if earlier is not None:
                 earlier()
 
-        def connectionLost(reason):
+        def connectionLost(reason: Failure) -> None:
             if not done and not reason.check(SSL.Error, defer.CancelledError):
                 reason = Failure(TLSHandshakeLost())
             return lost(reason)
@@ -86,7 +96,7 @@ class _WatchHandshake:
 class _Policy(BrowserLikePolicyForHTTPS):
     """Browser-like verification with our trust root and TLS 1.2 as the floor."""
 
-    def creatorForNetloc(self, hostname, port):
+    def creatorForNetloc(self, hostname: bytes, port: int) -> _WatchHandshake:
         from twisted.internet.ssl import TLSVersion, optionsForClientTLS
 
         return _WatchHandshake(optionsForClientTLS(
@@ -94,7 +104,9 @@ class _Policy(BrowserLikePolicyForHTTPS):
             extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}))
 
 
-def make_client(reactor, ca_file="", max_per_host=8, connect_timeout=30):
+def make_client(reactor: IReactorTime, ca_file: str = "", max_per_host: int = 8,
+                connect_timeout: float = 30) -> tuple[treq.client.HTTPClient,
+                                                       HTTPConnectionPool]:
     """-> (treq.HTTPClient, HTTPConnectionPool) with persistent connections."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
@@ -104,19 +116,19 @@ def make_client(reactor, ca_file="", max_per_host=8, connect_timeout=30):
     return treq.client.HTTPClient(agent), pool
 
 
-def retry_after(headers, now):
+def retry_after(headers: Headers, now: float) -> float | None:
     """The epoch time a ``Retry-After`` header asks us to wait until, or None.
 
     ``headers`` is a twisted ``Headers``; both forms of RFC 9110 are read:
     delay-seconds and an HTTP date.  Nonsense is ignored rather than trusted.
     """
-    values = headers.getRawHeaders(b"retry-after") or headers.getRawHeaders("retry-after")
+    values: Sequence[bytes | str] | None = headers.getRawHeaders(b"retry-after")
+    if not values:
+        values = headers.getRawHeaders("retry-after")
     if not values:
         return None
-    value = values[0]
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    value = value.strip()
+    first = values[0]
+    value = (first.decode("latin-1") if isinstance(first, bytes) else first).strip()
     if value.isdigit():
         return now + min(int(value), 86400)
     try:
@@ -129,11 +141,13 @@ def retry_after(headers, now):
 
 
 @defer.inlineCallbacks
-def read_body(response, limit=MAX_ERROR_BODY):
+def read_body(response: IResponse,
+              limit: int = MAX_ERROR_BODY) -> Generator[defer.Deferred[Any], Any, bytes]:
     """The body of ``response``, at most ``limit`` bytes (the rest discarded)."""
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
 
-    def collect(data):
+    def collect(data: bytes) -> None:
         nonlocal size
         if size < limit:
             chunks.append(data[: limit - size])
@@ -147,7 +161,7 @@ def read_body(response, limit=MAX_ERROR_BODY):
     return b"".join(chunks)
 
 
-def json_error(body):
+def json_error(body: bytes) -> tuple[Any, Any, Any]:
     """``(code, message, extra)`` from a Graph/Google error body, or Nones."""
     try:
         data = json.loads(body.decode("utf-8"))
@@ -164,7 +178,7 @@ def json_error(body):
     return None, None, data
 
 
-def handshake_failed(failure):
+def handshake_failed(failure: Failure) -> bool:
     """Did ``failure`` end the connection before TLS was up (nothing sent)?"""
     if failure.check(TLSHandshakeLost, SSL.Error):
         return True
@@ -172,7 +186,7 @@ def handshake_failed(failure):
     return bool(reasons) and all(r.check(TLSHandshakeLost, SSL.Error) for r in reasons)
 
 
-def describe_failure(failure):
+def describe_failure(failure: Failure) -> str:
     """A connection-level failure (no HTTP answer) as one line for the log."""
     e = failure.value
     if failure.check(defer.TimeoutError, defer.CancelledError, net_error.TimeoutError):
@@ -198,9 +212,10 @@ def describe_failure(failure):
     return f"{type(e).__name__}: {failure.getErrorMessage()}"
 
 
-def _ssl_reason(e):
+def _ssl_reason(e: object) -> str:
+    args: tuple[Any, ...] = getattr(e, "args", ())
     try:
-        parts = [str(x[2]) for x in e.args[0] if isinstance(x, tuple) and len(x) == 3]
+        parts = [str(x[2]) for x in args[0] if isinstance(x, tuple) and len(x) == 3]
     except (IndexError, TypeError):
         parts = []
     return ", ".join(p for p in parts if p) or str(e)

@@ -7,37 +7,46 @@ that arrive meanwhile share that refresh's result rather than starting
 their own.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
+T = TypeVar("T")
+
 
 class TokenThreads:
-    def __init__(self, reactor, size=2, name="smtprelay-tokens"):
+    # the reactor: IReactorCore (shutdown trigger) and IReactorFromThreads together,
+    # which no single interface names
+    def __init__(self, reactor: Any, size: int = 2, name: str = "smtprelay-tokens") -> None:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
         self._started = False
-        self._locks = {}
-        self._trigger = None
+        self._locks: dict[Hashable, defer.DeferredLock] = {}
+        self._trigger: Any = None
 
-    def _start(self):
+    def _start(self) -> None:
         if not self._started:
             self._pool.start()
             self._started = True
             self._trigger = self._reactor.addSystemEventTrigger(
                 "during", "shutdown", self._pool.stop)
 
-    def run(self, fn, *args, **kwargs):
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
         """Run ``fn`` on a token thread -> Deferred of its result."""
         self._start()
         return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
 
-    def lock(self, key):
+    def lock(self, key: Hashable) -> defer.DeferredLock:
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = defer.DeferredLock()
         return lock
 
-    def stop(self):
+    def stop(self) -> defer.Deferred[None]:
         if self._started:
             self._started = False
             if self._trigger is not None:

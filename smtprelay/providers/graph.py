@@ -191,9 +191,9 @@ class GraphProvider(ProviderBase):
         return out
 
     def _scrub(self, text):
-        for secret in self._secrets:
-            text = text.replace(secret, "[redacted]")
-        return text
+        from smtprelay.scrub import redact
+
+        return redact(text, self._secrets)
 
     @defer.inlineCallbacks
     def _refresh_expiry(self):

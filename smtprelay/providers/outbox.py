@@ -7,31 +7,36 @@ fsynced, renamed into ``new/`` and the folder fsynced: after the outcome
 "sent" it survives a power loss.  Blocking file work runs in a thread.
 """
 
+from __future__ import annotations
+
 import os
 import socket
+from collections.abc import Iterable
+from typing import Any
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtprelay.model import Outcome
-from smtprelay.providers.base import CheckResult, IProvider, ProviderBase, Step
+from smtprelay.providers.base import CheckResult, IProvider, OutgoingMessage, ProviderBase, Step
 
 _COPY = 1 << 20
 
 
-def _header_value(address):
+def _header_value(address: str) -> str:
     # addresses come from the SMTP envelope, which cannot hold CR or LF; be sure
     return address.replace("\r", "").replace("\n", "")
 
 
-def envelope_headers(sender, recipients):
+def envelope_headers(sender: str, recipients: Iterable[str]) -> bytes:
     lines = [b"X-Smtprelay-Envelope-From: <" + _header_value(sender).encode("utf-8") + b">\r\n"]
     for r in recipients:
         lines.append(b"X-Smtprelay-Envelope-To: <" + _header_value(r).encode("utf-8") + b">\r\n")
     return b"".join(lines)
 
 
-def _fsync_dir(path):
+def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -43,17 +48,19 @@ def _fsync_dir(path):
 class OutboxProvider(ProviderBase):
     type = "outbox"
 
-    def __init__(self, directory, reactor, hostname=None):
+    # the reactor: its clock and its thread pool
+    def __init__(self, directory: str, reactor: Any, hostname: str | None = None) -> None:
         self.directory = directory
         self._reactor = reactor
-        self._hostname = (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
+        self._hostname = ((hostname or socket.gethostname())
+                          .replace("/", "\\057").replace(":", "\\072"))
         self._seq = 0
 
-    def _ensure(self):
+    def _ensure(self) -> None:
         for sub in ("tmp", "new", "cur"):
             os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
 
-    def _write(self, message, name):
+    def _write(self, message: OutgoingMessage, name: str) -> str:
         self._ensure()
         tmp = os.path.join(self.directory, "tmp", name)
         final = os.path.join(self.directory, "new", name)
@@ -79,29 +86,30 @@ class OutboxProvider(ProviderBase):
             raise
         return final
 
-    def _name(self, message):
+    def _name(self, message: OutgoingMessage) -> str:
         self._seq += 1
         now = self._reactor.seconds()
-        return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{self._seq}.{message.id}.{self._hostname}"
+        return (f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{self._seq}"
+                f".{message.id}.{self._hostname}")
 
-    def send(self, message):
+    def send(self, message: OutgoingMessage) -> defer.Deferred[Outcome]:
         name = self._name(message)
         d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
                                       self._write, message, name)
 
-        def ok(path):
+        def ok(path: str) -> Outcome:
             return Outcome.sent(f"written to {os.path.basename(os.path.dirname(path))}/{name}",
                                 provider_id=name)
 
-        def failed(f):
+        def failed(f: Failure) -> Outcome:
             e = f.value
             reason = e.strerror if isinstance(e, OSError) and e.strerror else f.getErrorMessage()
             return Outcome.temporary(f"cannot write to the outbox {self.directory}: {reason}")
 
         return d.addCallbacks(ok, failed)
 
-    def check(self):
-        def probe():
+    def check(self) -> defer.Deferred[CheckResult]:
+        def probe() -> None:
             self._ensure()
             path = os.path.join(self.directory, "tmp", f".check.{os.getpid()}")
             with open(path, "wb") as f:
@@ -111,10 +119,10 @@ class OutboxProvider(ProviderBase):
 
         d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), probe)
 
-        def ok(_):
+        def ok(_: None) -> CheckResult:
             return CheckResult((Step("outbox writable", True, self.directory),))
 
-        def failed(f):
+        def failed(f: Failure) -> CheckResult:
             e = f.value
             reason = e.strerror if isinstance(e, OSError) and e.strerror else f.getErrorMessage()
             return CheckResult((Step("outbox writable", False, f"{self.directory}: {reason}"),))

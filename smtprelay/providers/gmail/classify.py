@@ -1,6 +1,6 @@
 """What Google's answers mean for a delivery: pure functions, no I/O, no clock of their own.
 
-Owns, for :mod:`smtprelay.providers.gmail`, the classification of
+Owns, for :mod:`smtprelay.providers.gmail.provider`, the classification of
 
 * Gmail API answers to ``messages.send`` (:func:`classify_send`): sent (with the
   message id), a rate limit that holds back the whole mailbox, 401 (refresh the
@@ -13,14 +13,20 @@ Owns, for :mod:`smtprelay.providers.gmail`, the classification of
 
 and the back-off of a rate-limited mailbox (:func:`backoff_delay`,
 :func:`retry_at_in_message`).  Every detail is one line with the status, the
-reason and Google's message, and never carries a token (:func:`scrub`).
+reason and Google's message, and never carries a token
+(:func:`smtprelay.scrub.scrub_tokens`).
 """
+
+from __future__ import annotations
 
 import datetime
 import json
 import re
+from collections.abc import Iterable
 
 import attr
+
+from smtprelay.scrub import scrub_tokens
 
 GMAIL_SEND = "https://www.googleapis.com/auth/gmail.send"
 # scopes that allow users.messages.send (Gmail API reference, "Authorization scopes")
@@ -38,28 +44,23 @@ DAILY_BACKOFF = 3600.0
 MAX_BACKOFF = 3600.0
 MAX_DETAIL = 300
 
-_TOKENISH = re.compile(r"(?i)(bearer\s+)\S+|\bya29\.[\w.\-~+/=]+|\b1//0[\w.\-~+/=]+")
 _RETRY_AFTER_TEXT = re.compile(
     r"(?i)retry after (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d))")
 
 
-def scrub(text):
-    """``text`` without anything shaped like an access or refresh token."""
-    return _TOKENISH.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
-
-
-def one_line(text, limit=MAX_DETAIL):
+def one_line(text: object, limit: int = MAX_DETAIL) -> str:
+    """``text`` on one line, without token-shaped words, at most ``limit`` characters."""
     text = " ".join(str(text).split())
-    text = scrub(text)
+    text = scrub_tokens(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def short_scope(scope):
+def short_scope(scope: str) -> str:
     prefix = "https://www.googleapis.com/auth/"
     return scope[len(prefix):] if scope.startswith(prefix) else scope
 
 
-def can_send(scopes):
+def can_send(scopes: Iterable[str]) -> bool:
     return any(s in SEND_SCOPES for s in scopes)
 
 
@@ -80,7 +81,7 @@ class Answer:
     daily: bool = False  # a daily limit: back off longer
 
 
-def _google_error(body):
+def _google_error(body: bytes) -> tuple[str | None, str | None]:
     """(reason, message) from a Google API error body, or (None, None)."""
     try:
         data = json.loads(body.decode("utf-8"))
@@ -106,14 +107,14 @@ def _google_error(body):
     return (str(reason) if reason else None), (str(message) if message else None)
 
 
-def _text_of(body):
+def _text_of(body: bytes) -> str:
     """A short, tag-free text of a non-JSON body (a proxy's error page)."""
     text = body[:2000].decode("utf-8", "replace")
     text = re.sub(r"<[^>]*>", " ", text)
     return one_line(text, 120)
 
 
-def retry_at_in_message(message, now):
+def retry_at_in_message(message: str | None, now: float) -> float | None:
     """The time in "... Retry after 2025-11-24T10:00:00.000Z" (Gmail's 429), or None."""
     if not message:
         return None
@@ -125,11 +126,11 @@ def retry_at_in_message(message, now):
     except ValueError:
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
+        when = when.replace(tzinfo=datetime.UTC)
     return min(max(when.timestamp(), now), now + 86400)
 
 
-def classify_send(status, body, now):
+def classify_send(status: int, body: bytes, now: float) -> Answer:
     """The :class:`Answer` for a ``messages.send`` response (``body`` as bytes)."""
     if 200 <= status < 300:
         try:
@@ -166,7 +167,7 @@ def classify_send(status, body, now):
                   status, reason)
 
 
-def backoff_delay(level, daily=False):
+def backoff_delay(level: int, daily: bool = False) -> float:
     """The pause of a rate-limited mailbox without a Retry-After: 60 s doubling to 1 h
     (a daily limit: 1 h at once)."""
     first = DAILY_BACKOFF if daily else FIRST_BACKOFF
@@ -185,7 +186,12 @@ class TokenFailure:
     expired: bool = False  # a user's refresh token revoked or expired
 
 
-def classify_token_error(error, description, retryable, mailbox, service_account):
+_TEMPORARY_TOKEN_ERRORS = frozenset({"internal_failure", "server_error",
+                                     "temporarily_unavailable", "rate_limit_exceeded"})
+
+
+def classify_token_error(error: str | None, description: str | None, retryable: bool,
+                         mailbox: str, service_account: bool) -> TokenFailure:
     """The :class:`TokenFailure` for a token endpoint error answer.
 
     ``error``/``description`` are the OAuth ``error`` and ``error_description``
@@ -194,32 +200,12 @@ def classify_token_error(error, description, retryable, mailbox, service_account
     """
     error = one_line(error or "", 60)
     said = one_line(f"{error}: {description}" if description else error or "no details", 240)
-    if retryable or error in ("internal_failure", "server_error", "temporarily_unavailable",
-                              "rate_limit_exceeded"):
+    if retryable or error in _TEMPORARY_TOKEN_ERRORS:
         return TokenFailure("temporary", f"the token endpoint is unavailable: {said}")
     if error == "unauthorized_client":
-        if service_account:
-            return TokenFailure(
-                "credential",
-                f"delegation not granted for {mailbox}: {said} (grant the service account's "
-                f"client ID the scope {GMAIL_SEND} under domain-wide delegation)")
-        return TokenFailure("credential",
-                            f"the refresh token belongs to another OAuth client: {said}")
+        return _unauthorized_client(said, mailbox, service_account)
     if error == "invalid_grant":
-        text = description or ""
-        if service_account and text.startswith("Invalid email or User ID"):
-            return TokenFailure(
-                "permanent",
-                f"{mailbox} is not a user of the Google Workspace domain ({said}); with a "
-                "service account the envelope sender must be a user's primary address")
-        if service_account and "iat and exp" in text:
-            return TokenFailure("credential",
-                                f"the token endpoint refused the key's JWT as out of date "
-                                f"({said}): check this machine's clock")
-        if service_account:
-            return TokenFailure("credential", f"the service account key was rejected: {said}")
-        return TokenFailure("credential", f"refresh token revoked or expired: {said}",
-                            expired=True)
+        return _invalid_grant(said, description or "", mailbox, service_account)
     if error == "invalid_client":
         return TokenFailure("credential",
                             f"the OAuth client was rejected (client_id or client_secret): {said}")
@@ -230,14 +216,41 @@ def classify_token_error(error, description, retryable, mailbox, service_account
     return TokenFailure("temporary", f"the token endpoint gave an unexpected answer: {said}")
 
 
+def _unauthorized_client(said: str, mailbox: str, service_account: bool) -> TokenFailure:
+    if service_account:
+        return TokenFailure(
+            "credential",
+            f"delegation not granted for {mailbox}: {said} (grant the service account's "
+            f"client ID the scope {GMAIL_SEND} under domain-wide delegation)")
+    return TokenFailure("credential", f"the refresh token belongs to another OAuth client: {said}")
+
+
+def _invalid_grant(said: str, text: str, mailbox: str, service_account: bool) -> TokenFailure:
+    """``invalid_grant``: an unknown user or a rejected key (service account), or a
+    revoked refresh token (user OAuth); ``text`` is the error description."""
+    if not service_account:
+        return TokenFailure("credential", f"refresh token revoked or expired: {said}",
+                            expired=True)
+    if text.startswith("Invalid email or User ID"):
+        return TokenFailure(
+            "permanent",
+            f"{mailbox} is not a user of the Google Workspace domain ({said}); with a "
+            "service account the envelope sender must be a user's primary address")
+    if "iat and exp" in text:
+        return TokenFailure("credential",
+                            f"the token endpoint refused the key's JWT as out of date "
+                            f"({said}): check this machine's clock")
+    return TokenFailure("credential", f"the service account key was rejected: {said}")
+
+
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 _SSL_REASON = re.compile(r"\[SSL: ([A-Z_]+)\] ([^(')\]]+)")
 
 
-def describe_transport_error(error):
+def describe_transport_error(error: BaseException) -> str:
     """A ``requests``/``urllib3`` failure (as google-auth wraps it) as one short line."""
-    seen = []
-    e = error
+    seen: list[BaseException] = []
+    e: BaseException | None = error
     while e is not None and e not in seen and len(seen) < 8:
         seen.append(e)
         e = e.args[0] if getattr(e, "args", None) and isinstance(e.args[0], BaseException) \
