@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from smtprelay import policy
-from smtprelay.scrub import scrub
 from smtprelay.model import Status
+from smtprelay.scrub import scrub
 from smtprelay.store import (
     AttemptRow,
     DeliveryQuery,
