@@ -16,7 +16,7 @@ import sys
 from smtprelay import __version__
 
 
-def _check_config(args):
+def _check_config(args: argparse.Namespace) -> int:
     from smtprelay import config as configuration
 
     try:
