@@ -9,10 +9,16 @@ running and the file is not touched.
 import importlib.util
 import smtplib
 import socket
+import threading
 import tomllib
 
 import pytest
+from twisted.python.failure import Failure
+from twisted.web.test.requesthelper import DummyRequest
 
+from smtprelay import config as configuration
+from smtprelay.admin.api import AdminAPI, ApiError
+from smtprelay.config import secrets as config_secrets
 from smtprelay.passwords import hash_password
 from tests.admin_client import AdminClient
 from tests.relay import RelayProcess
@@ -29,6 +35,10 @@ HASHED_PASSWORD = "hashed-password-for-erp-4"
 def commented_file(directory, smtp_port=0, admin_port=0):
     """A relay.toml as an administrator writes one: comments, secrets of every form."""
     (directory / "printer.secret").write_text(FILE_PASSWORD + "\n")
+    users = (f'users = {{ app = "{LITERAL_PASSWORD}", scanner = {{ env = "SCANNER_PW" }}, '
+             f'printer = {{ file = "printer.secret" }}, '
+             f'erp = {{ password = "{hash_password(HASHED_PASSWORD.encode(), ln=4)}", '
+             f'allowed = ["@example.com"] }} }}')
     return f"""\
 # relay.toml of the test relay -- kept by hand, edited by the admin page
 [smtp]
@@ -38,7 +48,7 @@ idle_timeout = "30s"                    # printers are slow
 
 [smtp.auth]
 # the four users, one of each kind
-users = {{ app = "{LITERAL_PASSWORD}", scanner = {{ env = "SCANNER_PW" }}, printer = {{ file = "printer.secret" }}, erp = {{ password = "{hash_password(HASHED_PASSWORD.encode(), ln=4)}", allowed = ["@example.com"] }} }}
+{users}
 
 [sender]
 default = "relay@example.com"           # test mail comes from here
@@ -120,7 +130,8 @@ def test_get_redacts_every_secret(relay, client):
     assert users["printer"] == {"set": True}
     assert users["erp"] == {"password": {"set": True}, "allowed": ["@example.com"]}
     assert cfg["admin"]["token"] == {"set": True}
-    assert cfg["smtp"]["listen"] == "127.0.0.1:0" and cfg["sender"]["default"] == "relay@example.com"
+    assert cfg["smtp"]["listen"] == "127.0.0.1:0"
+    assert cfg["sender"]["default"] == "relay@example.com"
     text = client.get("/api/config").text
     for secret in SECRETS + ("$scrypt$", "SCANNER_PW", "printer.secret", "ADMIN_TOKEN"):
         assert secret not in text
@@ -151,7 +162,8 @@ def test_put_keeps_secrets_given_as_set_and_the_comments(relay, client):
     doc = tomllib.loads(text)
     users = doc["smtp"]["auth"]["users"]
     assert users["app"] == LITERAL_PASSWORD
-    assert users["scanner"] == {"env": "SCANNER_PW"} and users["printer"] == {"file": "printer.secret"}
+    assert users["scanner"] == {"env": "SCANNER_PW"}
+    assert users["printer"] == {"file": "printer.secret"}
     assert users["erp"]["password"].startswith("$scrypt$")
     assert users["erp"]["allowed"] == ["@example.com", "@example.net"]
     assert doc["admin"]["token"] == {"env": "ADMIN_TOKEN"}
@@ -168,7 +180,8 @@ def test_put_changes_users_and_the_token_at_once(relay, client):
     assert hashed.startswith("$scrypt$") and "new-user-pass-5" not in hashed
     cfg["smtp"]["auth"]["users"]["newbie"] = hashed
     del cfg["smtp"]["auth"]["users"]["app"]
-    cfg["smtp"]["auth"]["users"]["scanner"] = {"password": {"set": True}, "allowed": ["@example.com"]}
+    cfg["smtp"]["auth"]["users"]["scanner"] = {"password": {"set": True},
+                                               "allowed": ["@example.com"]}
     cfg["admin"]["token"] = "a-brand-new-token-6"
     client.ok("PUT", "/api/config", cfg)
     assert client.get("/api/status").status == 401
@@ -341,3 +354,119 @@ def test_put_rebinds_a_listener_whose_address_the_old_one_holds(tmp_path, ca):
             tls_handshake(tls_port, ca, ssl.TLSVersion.TLSv1_2)
     finally:
         r.stop()
+
+
+def test_put_with_a_new_file_secret(relay, client, tmp_path):
+    (tmp_path / "newcomer.secret").write_text("newcomer-file-password-9\n")
+    cfg = client.ok("GET", "/api/config")
+    cfg["smtp"]["auth"]["users"]["newcomer"] = {"file": "newcomer.secret"}
+    answer = client.ok("PUT", "/api/config", cfg)
+    assert answer["smtp"]["auth"]["users"]["newcomer"] == {"set": True}
+    smtp_login(relay.port, "newcomer", "newcomer-file-password-9")
+    doc = tomllib.loads(relay.config_path.read_text())
+    assert doc["smtp"]["auth"]["users"]["newcomer"] == {"file": "newcomer.secret"}
+    cfg["smtp"]["auth"]["users"]["newcomer"] = {"file": "missing.secret"}
+    a = client.put("/api/config", cfg)
+    assert a.status == 400
+    assert a.json["fields"]["smtp.auth.users.newcomer"].startswith("cannot read secret file ")
+
+
+# --- in-process: where the gathering runs ----------------------------------------------
+
+
+class ThreadPool:
+    """Runs each call in a thread of its own (joined at once) and says which thread."""
+
+    def __init__(self):
+        self.threads = []
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        outcome = []
+
+        def run():
+            self.threads.append(threading.get_ident())
+            try:
+                outcome.append((True, f(*args, **kwargs)))
+            except BaseException:
+                outcome.append((False, Failure()))
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        on_result(*outcome[0])
+
+
+class Reactor:
+    def __init__(self):
+        self.pool = ThreadPool()
+
+    def getThreadPool(self):
+        return self.pool
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+class Relay:
+    """What ``_put_config`` uses of the RelayService: config, reactor, reconfigure."""
+
+    def __init__(self, config):
+        self.config = config
+        self.reactor = Reactor()
+        self.applied = []
+
+    def reconfigure(self, new, pending):
+        pending.commit()
+        self.config = new
+        self.applied.append(new)
+        return None
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The threads secret files were read in."""
+    threads = []
+    read = config_secrets._read_secret_file
+
+    def recording(path):
+        threads.append(threading.get_ident())
+        return read(path)
+
+    monkeypatch.setattr(config_secrets, "_read_secret_file", recording)
+    return threads
+
+
+def put(api, document):
+    d = api._put_config(DummyRequest([b"api", b"config"]), document)
+    results = []
+    d.addBoth(results.append)
+    assert results, "the PUT did not finish"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def test_put_gathers_file_secrets_in_a_thread_and_parses_on_the_reactor(tmp_path, reads):
+    (tmp_path / "alice.secret").write_text("alice-file-password-10\n")
+    (tmp_path / "relay.toml").write_text(
+        '[smtp]\nlisten = "127.0.0.1:0"\n\n[admin]\nlisten = ""\n')
+    relay = Relay(configuration.load(tmp_path / "relay.toml"))
+    api = AdminAPI(relay, clock=None)
+    document = configuration.redact(relay.config.document)
+    document["smtp"]["auth"] = {"users": {"alice": {"file": "alice.secret"}}}
+    put(api, document)
+    (new,) = relay.applied
+    assert new.smtp.auth.users["alice"].password.reveal() == "alice-file-password-10"
+    assert reads and threading.get_ident() not in reads
+    assert set(reads) <= set(relay.reactor.pool.threads)
+    assert tomllib.loads((tmp_path / "relay.toml").read_text())["smtp"]["auth"] == {
+        "users": {"alice": {"file": "alice.secret"}}}
+    # an unreadable one is a problem of its key, found in the thread too
+    document["smtp"]["auth"] = {"users": {"alice": {"file": "gone.secret"}}}
+    reads.clear()
+    with pytest.raises(ApiError) as info:
+        put(api, document)
+    assert info.value.code == 400
+    assert info.value.fields == {"smtp.auth.users.alice": (
+        f"cannot read secret file {tmp_path / 'gone.secret'}: No such file or directory")}
+    assert reads and threading.get_ident() not in reads

@@ -140,8 +140,10 @@ def test_gmail_forms(tmp_path):
 
 def test_smtp_provider_forms():
     c = parse({"provider": {"type": "smtp", "host": "mail.example.com"}})
-    assert (c.provider.port, c.provider.security, c.provider.verify_certificate) == (587, "starttls", True)
-    assert parse({"provider": {"type": "smtp", "host": "h", "security": "tls"}}).provider.port == 465
+    assert (c.provider.port, c.provider.security, c.provider.verify_certificate) == (
+        587, "starttls", True)
+    tls = parse({"provider": {"type": "smtp", "host": "h", "security": "tls"}})
+    assert tls.provider.port == 465
     p = problems({"provider": {"type": "smtp", "host": "h", "username": "u"}})
     assert p == {"provider.password": "required when provider.username is set"}
     assert "provider.host" in problems({"provider": {"type": "smtp"}})
@@ -210,7 +212,7 @@ def test_contradictions():
 def test_tls_files_are_checked(ca, tmp_path):
     c = parse({"smtp": {"tls_certificate": str(ca.server_cert), "tls_key": str(ca.server_key)}})
     assert c.smtp.tls_enabled
-    other_cert, other_key = ca.issue("other.test")
+    _other_cert, other_key = ca.issue("other.test")
     p = problems({"smtp": {"tls_certificate": str(ca.server_cert), "tls_key": str(other_key)}})
     assert "does not belong" in p["smtp.tls_certificate"]
     p = problems({"smtp": {"tls_certificate": str(tmp_path / "no.pem"),
@@ -261,7 +263,8 @@ def test_load_reports_the_file(tmp_path):
 def test_redaction_and_unredaction():
     doc = {"provider": {"type": "smtp", "host": "h", "username": "u", "password": "pw1"},
            "admin": {"token": {"env": "TOKEN"}},
-           "smtp": {"auth": {"users": {"a": "$scrypt$x", "b": {"password": "p", "allowed": ["*"]}}}}}
+           "smtp": {"auth": {"users": {"a": "$scrypt$x",
+                                       "b": {"password": "p", "allowed": ["*"]}}}}}
     red = config.redact(doc)
     assert red["provider"]["password"] == {"set": True}
     assert red["admin"]["token"] == {"set": True}
@@ -270,3 +273,38 @@ def test_redaction_and_unredaction():
     assert "pw1" not in repr(red) and "TOKEN" not in repr(red)
     back = config.unredact(red, doc)
     assert back == doc
+
+
+def test_parsing_is_pure_given_the_gathered_facts(tmp_path):
+    """parse_document reads nothing: what it needs from outside comes in the Facts."""
+    from smtprelay.config import Facts, gather, parse_document
+    from smtprelay.config.secrets import KEYPAIR_MISMATCH, SecretFile
+
+    doc = {"provider": {"type": "smtp", "host": "mail.example.com", "username": "u",
+                        "password": {"file": "pw"}, "ca_file": "ca.pem"},
+           "admin": {"token": {"env": "RELAY_TOKEN"}},
+           "smtp": {"hostname": "", "tls_certificate": "c.pem", "tls_key": "k.pem"}}
+    base = str(tmp_path / "nowhere")
+    path = lambda name: str(tmp_path / "nowhere" / name)  # noqa: E731
+    facts = Facts(base_dir=base, environ={"RELAY_TOKEN": "tok"},
+                  files={path("pw"): SecretFile("from-the-facts\n")},
+                  access={path("ca.pem"): "", path("c.pem"): "", path("k.pem"): ""},
+                  keypairs={(path("c.pem"), path("k.pem")): KEYPAIR_MISMATCH},
+                  fqdn="gathered.example.com")
+    with pytest.raises(ConfigError) as info:
+        parse_document(doc, facts)
+    assert [str(p) for p in info.value.problems] == [
+        "smtp.tls_certificate: smtp.tls_key does not belong to this certificate"]
+    del doc["smtp"]["tls_certificate"], doc["smtp"]["tls_key"]
+    c = parse_document(doc, facts)
+    assert c.provider.password.reveal() == "from-the-facts"
+    assert c.admin.token.reveal() == "tok" and c.smtp.hostname == "gathered.example.com"
+    assert c.provider.ca_file == path("ca.pem")
+    # gathering looks only where the document points, and only at the variables it names
+    (tmp_path / "pw").write_text("from-a-file\n")
+    gathered = gather(doc, tmp_path, {"RELAY_TOKEN": "t", "OTHER": "o"})
+    assert gathered.environ == {"RELAY_TOKEN": "t"}
+    assert set(gathered.files) == {str(tmp_path / "pw")}
+    assert gathered.files[str(tmp_path / "pw")].text == "from-a-file\n"
+    assert gathered.access == {str(tmp_path / "ca.pem"): "no such file"}
+    assert "from-a-file" not in repr(gathered)

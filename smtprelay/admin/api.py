@@ -352,18 +352,18 @@ class AdminAPI:
         request.setResponseCode(204)
         return b""
 
-    # -- configuration -------------------------------------------------------------------------------
+    # -- configuration -----------------------------------------------------------------------------
 
-    def redacted(self, cfg=None):
+    def redacted(self, cfg: "configuration.Config | None" = None) -> Any:
         cfg = cfg or self.relay.config
         return shapes.json_document(configuration.redact(cfg.document))
 
     @route(app, "/api/config", ["GET"])
-    def get_config(self, request):
+    def get_config(self, request: IRequest) -> bytes:
         return self.json(request, self.redacted())
 
     @route(app, "/api/config", ["PUT"])
-    def put_config(self, request):
+    def put_config(self, request: IRequest) -> "defer.Deferred[bytes]":
         body = self.body(request)
         if not isinstance(body, dict):
             raise ApiError(400, "the configuration must be a JSON object",
@@ -371,7 +371,8 @@ class AdminAPI:
         return self._config_lock.run(self._put_config, request, body)
 
     @defer.inlineCallbacks
-    def _put_config(self, request, body):
+    def _put_config(self, request: IRequest,
+                    body: dict[str, Any]) -> Generator["defer.Deferred[Any]", Any, bytes]:
         from smtprelay.service import ApplyError
 
         relay = self.relay
@@ -380,10 +381,14 @@ class AdminAPI:
             raise ApiError(409, "the relay was not started from a configuration file")
         document = configuration.unredact(
             shapes.carry_user_passwords(body, current.document), current.document)
-        folder = os.path.dirname(current.path)
+        # the secret files, readable paths and key pair are looked at in a thread; the
+        # validation itself is pure and runs here
+        facts = yield threads.deferToThreadPool(
+            relay.reactor, relay.reactor.getThreadPool(),
+            configuration.gather, document, os.path.dirname(current.path))
         try:
-            new = configuration.parse(document, base_dir=folder,
-                                      source=os.path.basename(current.path))
+            new = configuration.parse_document(document, facts,
+                                               source=os.path.basename(current.path))
         except configuration.ConfigError as e:
             raise ApiError(400, "the configuration is not valid", e.fields()) from None
         new = attr.evolve(new, path=current.path)

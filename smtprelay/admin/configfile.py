@@ -10,18 +10,22 @@ renames it over the file and fsyncs the folder, so that a crash leaves either
 the old file or the new one, never half of one.
 """
 
+from __future__ import annotations
+
 import datetime
 import os
 import tempfile
+from typing import Any
 
 import tomlkit
-from tomlkit.items import AoT, InlineTable, Table
+from tomlkit.container import Container
+from tomlkit.items import AoT, InlineTable, Item, Table
 
 # values that TOML has a type for but JSON has not: written back as that type
 _DATE_KEYS = ("provider.client_secret_expires",)
 
 
-def _toml_value(key, value):
+def _toml_value(key: str, value: Any) -> Any:
     if key in _DATE_KEYS and isinstance(value, str):
         try:
             return datetime.date.fromisoformat(value)
@@ -30,26 +34,23 @@ def _toml_value(key, value):
     return value
 
 
-def _plain(item):
+def _plain(item: Any) -> Any:
     return item.unwrap() if hasattr(item, "unwrap") else item
 
 
-def _new_item(key, value, depth):
+def _new_item(key: str, value: Any, depth: int) -> Item:
     """A tomlkit item for a value not in the file: dicts below [smtp.auth] inline."""
     if isinstance(value, dict):
-        if depth <= 1 or key == "smtp.auth":
-            t = tomlkit.table()
-            for k, v in value.items():
-                t[k] = _new_item(f"{key}.{k}", v, depth + 1)
-            return t
-        t = tomlkit.inline_table()
+        t: Table | InlineTable
+        t = tomlkit.table() if depth <= 1 or key == "smtp.auth" else tomlkit.inline_table()
         for k, v in value.items():
             t[k] = _new_item(f"{key}.{k}", v, depth + 1)
         return t
     return tomlkit.item(_toml_value(key, value))
 
 
-def _replace(container, name, key, value, depth):
+def _replace(container: Container | Table, name: str, key: str, value: Any,
+             depth: int) -> None:
     old = container[name]
     new = _new_item(key, value, depth)
     if isinstance(old, InlineTable) and isinstance(new, Table):
@@ -68,7 +69,8 @@ def _replace(container, name, key, value, depth):
     container[name] = new
 
 
-def _update(container, new, prefix, depth):
+def _update(container: Container | Table, new: dict[str, Any], prefix: str,
+            depth: int) -> None:
     for name in [k for k in container.keys() if k not in new]:
         del container[name]
     for name, value in new.items():
@@ -86,7 +88,7 @@ def _update(container, new, prefix, depth):
             _replace(container, name, key, value, depth)
 
 
-def render(current_text, document):
+def render(current_text: str, document: dict[str, Any]) -> str:
     """The text of ``current_text`` (a TOML file) changed to hold ``document``."""
     doc = tomlkit.parse(current_text)
     _update(doc, document, "", 1)
@@ -99,12 +101,13 @@ def render(current_text, document):
 class PendingWrite:
     """A new version of the file, written and fsynced beside it, not yet in place."""
 
-    def __init__(self, path, temp_path):
+    def __init__(self, path: str, temp_path: str) -> None:
         self.path = path
-        self.temp_path = temp_path
+        self.temp_path: str | None = temp_path
 
-    def commit(self):
+    def commit(self) -> None:
         """Blocking: the new file replaces the old one (atomic rename, folder fsynced)."""
+        assert self.temp_path is not None, "committed or aborted already"
         os.replace(self.temp_path, self.path)
         self.temp_path = None
         folder = os.path.dirname(self.path) or "."
@@ -114,7 +117,7 @@ class PendingWrite:
         finally:
             os.close(fd)
 
-    def abort(self):
+    def abort(self) -> None:
         if self.temp_path is not None:
             try:
                 os.unlink(self.temp_path)
@@ -123,10 +126,10 @@ class PendingWrite:
             self.temp_path = None
 
 
-def prepare(path, document):
+def prepare(path: str, document: dict[str, Any]) -> PendingWrite:
     """Blocking: render ``document`` over the file at ``path`` into a temporary file
     in the same folder (same owner-only permissions as the file) -> PendingWrite."""
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         current = f.read()
     text = render(current, document)
     folder = os.path.dirname(os.path.abspath(path))

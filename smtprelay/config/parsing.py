@@ -1,317 +1,88 @@
-"""The configuration: relay.toml parsed into frozen attrs classes, one problem list.
+"""Validating a configuration document: pure, one problem per dotted key.
 
-``load(path)`` reads a file; ``parse(document, base_dir)`` validates a document
-(the same shape as the TOML, as the admin API's ``PUT /api/config`` sends it).
-Every problem is a :class:`Problem` naming its dotted key; :class:`ConfigError`
-carries all of them, so that start-up and ``check-config`` print one line each.
-
-Secrets (``{env = ...}``, ``{file = ...}`` or a literal) become :class:`Secret`
-objects whose ``repr`` never shows the value.  ``SECRET_KEYS`` and
-:func:`redact` are what the admin API uses to show ``{"set": true}`` instead.
+:func:`parse_document` turns a document (a dict shaped like relay.toml, as
+``tomllib`` or the admin API's ``PUT /api/config`` gives it) and the
+:class:`~smtprelay.config.secrets.Facts` gathered beforehand (environment
+variables, secret files' contents, readable paths, the TLS key pair check)
+into a :class:`~smtprelay.config.model.Config`, or raises
+:class:`~smtprelay.config.model.ConfigError` listing every problem in the
+order the document is read.  No I/O here: what needs the outside world was
+looked up by :func:`smtprelay.config.secrets.gather`.
 """
+
+from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-import socket
-import tomllib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-
-import attr
+from typing import TYPE_CHECKING, Any
 
 from smtprelay import policy, units
+from smtprelay.config.model import (
+    AdminConfig,
+    AuthConfig,
+    Config,
+    ConfigError,
+    DatabaseConfig,
+    DeliveryConfig,
+    GmailProvider,
+    ListenAddress,
+    M365Provider,
+    MonitoringConfig,
+    OutboxProvider,
+    Problem,
+    ProviderConfig,
+    Secret,
+    SenderConfig,
+    SMTPConfig,
+    SMTPProvider,
+    User,
+)
 from smtprelay.passwords import PasswordHash, is_password_hash
 
-# ---------------------------------------------------------------------------
-# values
+if TYPE_CHECKING:
+    from smtprelay.config.secrets import Facts
 
 
-class ConfigError(Exception):
-    """The configuration is unusable; ``problems`` says why, one key each."""
-
-    def __init__(self, problems, source="relay.toml"):
-        self.problems = list(problems)
-        self.source = source
-        super().__init__("\n".join(self.lines()))
-
-    def lines(self):
-        return [f"{self.source}: {p}" for p in self.problems]
-
-    def fields(self):
-        """``{dotted.key: problem}`` for an API answer."""
-        out = {}
-        for p in self.problems:
-            out.setdefault(p.key, p.message)
-        return out
+def resolve(base_dir: str, path: str) -> str:
+    """``path`` (``~`` expanded) against the configuration's folder."""
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (Path(base_dir) / p))
 
 
-@attr.frozen
-class Problem:
-    key: str
-    message: str
-
-    def __str__(self):
-        return f"{self.key}: {self.message}" if self.key else self.message
-
-
-@attr.frozen(repr=False)
-class Secret:
-    """A secret and where it came from; the value never reaches ``repr``/``str``."""
-
-    source: str  # "literal" | "env" | "file"
-    ref: str | None = None  # the variable name or the file path
-    value: str = attr.field(default="", eq=False)
-
-    def __repr__(self):
-        where = f" {self.ref}" if self.ref else ""
-        return f"<Secret from {self.source}{where}>"
-
-    __str__ = __repr__
-
-    def reveal(self):
-        return self.value
-
-    def bytes(self):
-        return self.value.encode("utf-8")
-
-
-@attr.frozen
-class ListenAddress:
-    host: str
-    port: int
-
-    def __str__(self):
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def is_loopback(self):
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
-    @property
-    def interface(self):
-        """The address for ``listenTCP``'s ``interface``: "" listens on all of IPv4."""
-        return self.host
-
-
-@attr.frozen
-class User:
-    name: str
-    password: object  # PasswordHash | Secret (the plain password)
-    allowed: policy.SenderPatterns | None = None
-
-
-@attr.frozen
-class AuthConfig:
-    required: bool = False
-    allow_plaintext: bool = False
-    max_failures: int = 5
-    lockout: float = 900.0
-    users: dict = attr.field(factory=dict)  # name -> User
-
-
-@attr.frozen
-class SMTPConfig:
-    listen: tuple = (ListenAddress("127.0.0.1", 2525),)
-    tls_listen: tuple = ()
-    hostname: str = ""
-    max_message_size: int = 35_000_000
-    max_recipients: int = 500
-    max_connections: int = 200
-    max_connections_per_address: int = 50
-    idle_timeout: float = 300.0
-    stress_timeout: float = 10.0
-    allowed_networks: tuple = ()
-    tls_certificate: str = ""
-    tls_key: str = ""
-    tls_minimum_version: str = "1.2"
-    bare_newlines: str = "normalize"
-    max_line_length: int = 65536
-    open_relay: bool = False
-    max_errors: int = 20
-    shutdown_grace: float = 30.0
-    auth: AuthConfig = attr.field(factory=AuthConfig)
-
-    @property
-    def tls_enabled(self):
-        return bool(self.tls_certificate and self.tls_key)
-
-
-@attr.frozen
-class SenderConfig:
-    default: str = ""
-    allowed: policy.SenderPatterns = attr.field(factory=lambda: policy.SenderPatterns(()))
-    on_disallowed: str = "reject"
-    check_header_from: bool = True
-
-    @property
-    def policy(self):
-        return policy.SenderPolicy(self.default, self.allowed)
-
-
-@attr.frozen
-class OutboxProvider:
-    type = "outbox"
-    directory: str = "var/outbox"
-
-
-@attr.frozen
-class M365Provider:
-    type = "m365"
-    tenant_id: str = ""
-    client_id: str = ""
-    client_secret: Secret | None = None
-    client_secret_expires: datetime.date | None = None
-    certificate: str = ""
-    certificate_key: str = ""
-    save_to_sent_items: bool = False
-    authority: str = "https://login.microsoftonline.com"
-    graph_endpoint: str = "https://graph.microsoft.com"
-    ca_file: str = ""
-    timeout: float = 60.0
-
-
-@attr.frozen
-class GmailProvider:
-    type = "gmail"
-    service_account_file: str = ""
-    client_id: str = ""
-    client_secret: Secret | None = None
-    refresh_token: Secret | None = None
-    token_uri: str = "https://oauth2.googleapis.com/token"
-    api_endpoint: str = "https://gmail.googleapis.com"
-    ca_file: str = ""
-    timeout: float = 60.0
-
-
-@attr.frozen
-class SMTPProvider:
-    type = "smtp"
-    host: str = ""
-    port: int = 587
-    security: str = "starttls"
-    username: str = ""
-    password: Secret | None = None
-    verify_certificate: bool = True
-    ca_file: str = ""
-    timeout: float = 60.0
-
-
-@attr.frozen
-class DeliveryConfig:
-    mode: str = "queue"
-    retry: tuple = (60.0, 300.0, 900.0, 3600.0, 14400.0)
-    max_age: float = 5 * 86400.0
-    concurrency: int = 4
-    direct_timeout: float = 60.0
-    lease: float = 300.0
-
-
-@attr.frozen
-class DatabaseConfig:
-    url: str = "sqlite:///var/relay.db"
-    retention: float = 90 * 86400.0
-
-    @property
-    def kind(self):
-        return "postgresql" if self.url.startswith(("postgresql:", "postgres:")) else "sqlite"
-
-    @property
-    def sqlite_path(self):
-        return self.url[len("sqlite:///"):]
-
-
-@attr.frozen
-class AdminConfig:
-    listen: ListenAddress | None = ListenAddress("127.0.0.1", 8025)
-    token: Secret | None = None
-
-
-@attr.frozen
-class MonitoringConfig:
-    secret_warning_days: int = 30
-
-
-@attr.frozen
-class Config:
-    smtp: SMTPConfig = attr.field(factory=SMTPConfig)
-    sender: SenderConfig = attr.field(factory=SenderConfig)
-    provider: object = attr.field(factory=OutboxProvider)
-    delivery: DeliveryConfig = attr.field(factory=DeliveryConfig)
-    database: DatabaseConfig = attr.field(factory=DatabaseConfig)
-    admin: AdminConfig = attr.field(factory=AdminConfig)
-    monitoring: MonitoringConfig = attr.field(factory=MonitoringConfig)
-    # where it came from: relative paths above are already resolved against it
-    path: str | None = attr.field(default=None, eq=False)
-    document: dict = attr.field(factory=dict, eq=False, repr=False)
-
-    def secrets(self):
-        """Every secret value this configuration holds (for leak checks)."""
-        out = []
-        for s in _walk_secrets(self):
-            if s.value:
-                out.append(s.value)
-        return out
-
-
-def _walk_secrets(obj):
-    if isinstance(obj, Secret):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _walk_secrets(v)
-    elif attr.has(type(obj)):
-        for a in attr.fields(type(obj)):
-            if a.name != "document":
-                yield from _walk_secrets(getattr(obj, a.name))
-
-
-# ---------------------------------------------------------------------------
-# reading a document
-
-# secret keys: the admin API redacts these; "*" is any user name
-SECRET_KEYS = (
-    "provider.client_secret",
-    "provider.password",
-    "provider.refresh_token",
-    "admin.token",
-    "smtp.auth.users.*",
-    "smtp.auth.users.*.password",
-)
-
-_MISSING = object()
+_MISSING: Any = object()
+_KIND_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
+               list: "a list"}
 
 
 class _Table:
     """One TOML table being read: typed getters, problems, unknown keys."""
 
-    def __init__(self, reader, prefix, data):
+    def __init__(self, reader: _Reader, prefix: str, data: Any) -> None:
         self.reader = reader
         self.prefix = prefix
         if data is not _MISSING and not isinstance(data, dict):
             reader.problem(prefix, "must be a table")
             data = {}
-        self.data = {} if data is _MISSING else data
-        self.seen = set()
+        self.data: dict[str, Any] = {} if data is _MISSING else data
+        self.seen: set[str] = set()
 
-    def key(self, name):
+    def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
-    def has(self, name):
+    def has(self, name: str) -> bool:
         return name in self.data
 
-    def raw(self, name, default=_MISSING):
+    def raw(self, name: str, default: Any = _MISSING) -> Any:
         self.seen.add(name)
         return self.data.get(name, default)
 
-    def problem(self, name, message):
+    def problem(self, name: str, message: str) -> None:
         self.reader.problem(self.key(name), message)
 
-    def get(self, name, kind, default, check=None):
+    def get(self, name: str, kind: type, default: Any,
+            check: Callable[[Any], str | None] | None = None) -> Any:
         value = self.raw(name)
         if value is _MISSING:
             return default
@@ -319,9 +90,7 @@ class _Table:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             ok, value = True, float(value)
         if not ok:
-            names = {str: "a string", bool: "true or false", int: "an integer",
-                     float: "a number", list: "a list"}
-            self.problem(name, f"must be {names.get(kind, kind.__name__)}")
+            self.problem(name, f"must be {_KIND_NAMES.get(kind, kind.__name__)}")
             return default
         if check is not None:
             message = check(value)
@@ -330,25 +99,31 @@ class _Table:
                 return default
         return value
 
-    def string(self, name, default="", choices=None):
-        def one_of(v):
-            if v not in choices:
+    def string(self, name: str, default: str = "",
+               choices: tuple[str, ...] | None = None) -> str:
+        def one_of(v: str) -> str | None:
+            if choices is not None and v not in choices:
                 return "must be one of " + ", ".join(f'"{c}"' for c in choices)
+            return None
 
         return self.get(name, str, default, one_of if choices else None)
 
-    def boolean(self, name, default):
-        return self.get(name, bool, default)
+    def boolean(self, name: str, default: bool) -> bool:
+        value: bool = self.get(name, bool, default)
+        return value
 
-    def integer(self, name, default, minimum=None, maximum=None):
-        def check(v):
+    def integer(self, name: str, default: int, minimum: int | None = None,
+                maximum: int | None = None) -> int:
+        def check(v: int) -> str | None:
             if minimum is not None and v < minimum:
                 return f"must be at least {minimum}"
             if maximum is not None and v > maximum:
                 return f"must be at most {maximum}"
-        return self.get(name, int, default, check)
+            return None
+        value: int = self.get(name, int, default, check)
+        return value
 
-    def duration(self, name, default, minimum=0.0):
+    def duration(self, name: str, default: float, minimum: float = 0.0) -> float:
         value = self.raw(name)
         if value is _MISSING:
             return default
@@ -362,7 +137,7 @@ class _Table:
             return default
         return seconds
 
-    def size(self, name, default, minimum=1):
+    def size(self, name: str, default: int, minimum: int = 1) -> int:
         value = self.raw(name)
         if value is _MISSING:
             return default
@@ -376,7 +151,7 @@ class _Table:
             return default
         return n
 
-    def string_list(self, name, default=()):
+    def string_list(self, name: str, default: Iterable[str] = ()) -> tuple[str, ...]:
         value = self.raw(name)
         if value is _MISSING:
             return tuple(default)
@@ -385,20 +160,20 @@ class _Table:
             return tuple(default)
         return tuple(value)
 
-    def path(self, name, default=""):
+    def path(self, name: str, default: str = "") -> str:
         value = self.string(name, default)
         return self.reader.resolve(value) if value else ""
 
-    def secret(self, name):
+    def secret(self, name: str) -> Secret | None:
         value = self.raw(name)
         if value is _MISSING or value == "":
             return None
         return self.reader.secret(self.key(name), value)
 
-    def table(self, name):
+    def table(self, name: str) -> _Table:
         return _Table(self.reader, self.key(name), self.raw(name))
 
-    def finish(self, allowed_elsewhere=(), elsewhere_note=""):
+    def finish(self, allowed_elsewhere: Iterable[str] = (), elsewhere_note: str = "") -> None:
         for name in self.data:
             if name in self.seen:
                 continue
@@ -409,45 +184,49 @@ class _Table:
 
 
 class _Reader:
-    def __init__(self, base_dir, environ):
-        self.base_dir = Path(base_dir)
-        self.environ = environ
-        self.problems = []
+    """The problems found so far, and the gathered facts the document is checked against."""
 
-    def problem(self, key, message):
+    def __init__(self, facts: Facts) -> None:
+        self.facts = facts
+        self.problems: list[Problem] = []
+
+    def problem(self, key: str, message: str) -> None:
         self.problems.append(Problem(key, message))
 
-    def resolve(self, path):
-        p = Path(path).expanduser()
-        return str(p if p.is_absolute() else (self.base_dir / p))
+    def has_problem(self, key: str) -> bool:
+        return any(p.key == key for p in self.problems)
 
-    def secret(self, key, value):
+    def resolve(self, path: str) -> str:
+        return resolve(self.facts.base_dir, path)
+
+    def secret(self, key: str, value: Any) -> Secret | None:
         if isinstance(value, str):
             return Secret("literal", None, value)
         if isinstance(value, dict) and len(value) == 1:
             (kind, ref), = value.items()
             if kind == "env" and isinstance(ref, str):
-                if ref not in self.environ:
-                    self.problem(key, f"environment variable {ref} is not set")
-                    return Secret("env", ref, "")
-                return Secret("env", ref, self.environ[ref])
+                return self._env_secret(key, ref)
             if kind == "file" and isinstance(ref, str):
-                path = self.resolve(ref)
-                try:
-                    text = Path(path).read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as e:
-                    self.problem(key, f"cannot read secret file {path}: {_os_reason(e)}")
-                    return Secret("file", ref, "")
-                return Secret("file", ref, text.rstrip("\r\n"))
+                return self._file_secret(key, ref)
         self.problem(key, 'a secret is a string, { env = "NAME" } or { file = "PATH" }')
         return None
 
+    def _env_secret(self, key: str, name: str) -> Secret:
+        if name not in self.facts.environ:
+            self.problem(key, f"environment variable {name} is not set")
+            return Secret("env", name, "")
+        return Secret("env", name, self.facts.environ[name])
 
-def _os_reason(e):
-    return e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+    def _file_secret(self, key: str, ref: str) -> Secret:
+        path = self.resolve(ref)
+        read = self.facts.files[path]
+        if read.text is None:
+            self.problem(key, f"cannot read secret file {path}: {read.reason}")
+            return Secret("file", ref, "")
+        return Secret("file", ref, read.text.rstrip("\r\n"))
 
 
-def parse_listen(text):
+def parse_listen(text: object) -> ListenAddress:
     """``"host:port"`` or ``"[v6]:port"`` -> ListenAddress; ValueError otherwise."""
     if not isinstance(text, str) or not text:
         raise ValueError('expected "host:port"')
@@ -470,7 +249,8 @@ def parse_listen(text):
     return ListenAddress(host, int(port))
 
 
-def _listens(table, name, default):
+def _listens(table: _Table, name: str,
+             default: tuple[ListenAddress, ...]) -> tuple[ListenAddress, ...]:
     value = table.raw(name)
     if value is _MISSING:
         return default
@@ -487,7 +267,8 @@ def _listens(table, name, default):
     return tuple(out)
 
 
-def _networks(table, name):
+def _networks(table: _Table,
+              name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     out = []
     for text in table.string_list(name):
         try:
@@ -497,7 +278,7 @@ def _networks(table, name):
     return tuple(out)
 
 
-def _patterns(table, name):
+def _patterns(table: _Table, name: str) -> policy.SenderPatterns:
     values = table.string_list(name)
     try:
         return policy.SenderPatterns.parse(values)
@@ -506,7 +287,7 @@ def _patterns(table, name):
         return policy.SenderPatterns(())
 
 
-def _address(table, name):
+def _address(table: _Table, name: str) -> str:
     value = table.string(name, "")
     if value and not policy.is_mailbox(value):
         table.problem(name, f'"{value}" is not an e-mail address')
@@ -514,7 +295,7 @@ def _address(table, name):
     return value
 
 
-def _url(table, name, default):
+def _url(table: _Table, name: str, default: str) -> str:
     value = table.string(name, default)
     if value and not value.startswith("https://"):
         table.problem(name, "must be an https:// URL")
@@ -522,22 +303,21 @@ def _url(table, name, default):
     return value.rstrip("/")
 
 
-def _readable(reader, key, path):
-    if path and not os.access(path, os.R_OK):
-        reason = "no such file" if not os.path.exists(path) else "not readable"
+def _readable(reader: _Reader, key: str, path: str) -> bool:
+    if not path:
+        return False
+    reason = reader.facts.access[path]
+    if reason:
         reader.problem(key, f"cannot read {path}: {reason}")
         return False
-    return bool(path)
+    return True
 
 
 # --- sections ------------------------------------------------------------
 
 
-def _smtp(reader, t):
-    auth_t = t.table("auth")
-    listen = _listens(t, "listen", (ListenAddress("127.0.0.1", 2525),))
-    tls_listen = _listens(t, "tls_listen", ())
-    hostname = t.string("hostname", "") or socket.getfqdn()
+def _tls_files(reader: _Reader, t: _Table, tls_listen: tuple[ListenAddress, ...]
+               ) -> tuple[str, str]:
     cert = t.path("tls_certificate")
     key = t.path("tls_key")
     if key and not cert:
@@ -551,6 +331,15 @@ def _smtp(reader, t):
         ok = _readable(reader, t.key("tls_key"), key) and ok
         if ok:
             _check_keypair(reader, t.key("tls_certificate"), cert, key)
+    return cert, key
+
+
+def _smtp(reader: _Reader, t: _Table) -> SMTPConfig:
+    auth_t = t.table("auth")
+    listen = _listens(t, "listen", (ListenAddress("127.0.0.1", 2525),))
+    tls_listen = _listens(t, "tls_listen", ())
+    hostname = t.string("hostname", "") or reader.facts.fqdn
+    cert, key = _tls_files(reader, t, tls_listen)
     smtp = SMTPConfig(
         listen=listen,
         tls_listen=tls_listen,
@@ -579,48 +368,45 @@ def _smtp(reader, t):
     return smtp
 
 
-def _check_keypair(reader, key, cert_path, key_path):
-    from OpenSSL import SSL
-
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    try:
-        ctx.use_certificate_chain_file(cert_path.encode())
-    except SSL.Error:
+def _check_keypair(reader: _Reader, key: str, cert_path: str, key_path: str) -> None:
+    outcome = reader.facts.keypairs[(cert_path, key_path)]
+    if outcome == "certificate":
         reader.problem(key, f"{cert_path} is not a PEM certificate")
-        return
-    try:
-        ctx.use_privatekey_file(key_path.encode())
-        ctx.check_privatekey()
-    except SSL.Error as e:
-        if "mismatch" in str(e):
-            reader.problem(key, "smtp.tls_key does not belong to this certificate")
+    elif outcome == "mismatch":
+        reader.problem(key, "smtp.tls_key does not belong to this certificate")
+    elif outcome == "key":
+        reader.problem("smtp.tls_key", f"{key_path} is not a PEM private key")
+
+
+def _user(reader: _Reader, users_t: _Table, name: str) -> User | None:
+    users_t.seen.add(name)
+    value = users_t.data[name]
+    ukey = users_t.key(name)
+    allowed = None
+    pw: PasswordHash | Secret | None
+    if isinstance(value, dict) and ("password" in value or "allowed" in value):
+        ut = _Table(reader, ukey, value)
+        raw = ut.raw("password")
+        if raw is _MISSING:
+            ut.problem("password", "required")
+            pw = None
         else:
-            reader.problem("smtp.tls_key", f"{key_path} is not a PEM private key")
+            pw = _password(reader, ut.key("password"), raw)
+        if ut.has("allowed"):
+            allowed = _patterns(ut, "allowed")
+        ut.finish()
+    else:
+        pw = _password(reader, ukey, value)
+    return User(name, pw, allowed) if pw is not None else None
 
 
-def _auth(reader, t):
+def _auth(reader: _Reader, t: _Table) -> AuthConfig:
     users_t = t.table("users")
     users = {}
     for name in list(users_t.data):
-        users_t.seen.add(name)
-        value = users_t.data[name]
-        ukey = users_t.key(name)
-        allowed = None
-        if isinstance(value, dict) and ("password" in value or "allowed" in value):
-            ut = _Table(reader, ukey, value)
-            pw = ut.raw("password")
-            if pw is _MISSING:
-                ut.problem("password", "required")
-                pw = None
-            else:
-                pw = _password(reader, ut.key("password"), pw)
-            if ut.has("allowed"):
-                allowed = _patterns(ut, "allowed")
-            ut.finish()
-        else:
-            pw = _password(reader, ukey, value)
-        if pw is not None:
-            users[name] = User(name, pw, allowed)
+        user = _user(reader, users_t, name)
+        if user is not None:
+            users[name] = user
     auth = AuthConfig(
         required=t.boolean("required", False),
         allow_plaintext=t.boolean("allow_plaintext", False),
@@ -634,7 +420,7 @@ def _auth(reader, t):
     return auth
 
 
-def _password(reader, key, value):
+def _password(reader: _Reader, key: str, value: Any) -> PasswordHash | Secret | None:
     if isinstance(value, str) and is_password_hash(value):
         try:
             return PasswordHash.parse(value)
@@ -642,9 +428,8 @@ def _password(reader, key, value):
             reader.problem(key, str(e))
             return None
     secret = reader.secret(key, value)
-    if secret is not None and secret.source != "literal" and not secret.value and not any(
-        p.key == key for p in reader.problems
-    ):
+    if (secret is not None and secret.source != "literal" and not secret.value
+            and not reader.has_problem(key)):
         reader.problem(key, "the password is empty")
     if secret is not None and secret.source == "literal" and not secret.value:
         reader.problem(key, "the password is empty")
@@ -652,7 +437,7 @@ def _password(reader, key, value):
     return secret
 
 
-def _sender(t):
+def _sender(t: _Table) -> SenderConfig:
     default = _address(t, "default")
     s = SenderConfig(
         default=default,
@@ -666,7 +451,7 @@ def _sender(t):
     return s
 
 
-_PROVIDER_KEYS = {
+PROVIDER_KEYS = {
     "m365": {"tenant_id", "client_id", "client_secret", "client_secret_expires",
              "certificate", "certificate_key", "save_to_sent_items", "authority",
              "graph_endpoint", "ca_file", "timeout"},
@@ -676,13 +461,14 @@ _PROVIDER_KEYS = {
              "ca_file", "timeout"},
     "outbox": {"directory"},
 }
-_ALL_PROVIDER_KEYS = set().union(*_PROVIDER_KEYS.values())
+_ALL_PROVIDER_KEYS: set[str] = set().union(*PROVIDER_KEYS.values())
 
 
-def _provider(reader, t, sender):
-    kind = t.string("type", "outbox", choices=tuple(_PROVIDER_KEYS))
+def _provider(reader: _Reader, t: _Table, sender: SenderConfig) -> ProviderConfig:
+    kind = t.string("type", "outbox", choices=tuple(PROVIDER_KEYS))
     if kind in ("m365", "gmail") and not sender.default:
         reader.problem("sender.default", f'required for provider type "{kind}"')
+    p: ProviderConfig
     if kind == "m365":
         p = _m365(reader, t)
     elif kind == "gmail":
@@ -691,48 +477,60 @@ def _provider(reader, t, sender):
         p = _smtp_provider(reader, t)
     else:
         p = OutboxProvider(directory=t.path("directory", "var/outbox"))
-    t.finish(_ALL_PROVIDER_KEYS - _PROVIDER_KEYS[kind], f'not a key for type "{kind}"')
+    t.finish(_ALL_PROVIDER_KEYS - PROVIDER_KEYS[kind], f'not a key for type "{kind}"')
     return p
 
 
-def _required(t, name, kind):
+def _required(t: _Table, name: str, kind: str) -> str:
     value = t.string(name, "")
-    if not value and not any(p.key == t.key(name) for p in t.reader.problems):
+    if not value and not t.reader.has_problem(t.key(name)):
         t.problem(name, f'required for type "{kind}"')
     return value
 
 
-def _m365(reader, t):
-    tenant = _required(t, "tenant_id", "m365")
-    client = _required(t, "client_id", "m365")
-    secret = t.secret("client_secret")
-    expires = t.raw("client_secret_expires")
+def _expiry_date(t: _Table, name: str) -> datetime.date | None:
+    expires = t.raw(name)
     if expires is _MISSING or expires == "":
-        expires = None
-    elif isinstance(expires, str):
+        return None
+    if isinstance(expires, str):
         try:
-            expires = datetime.date.fromisoformat(expires)
+            return datetime.date.fromisoformat(expires)
         except ValueError:
-            t.problem("client_secret_expires", "must be a date, e.g. 2027-06-30")
-            expires = None
-    elif isinstance(expires, datetime.datetime):
-        expires = expires.date()
-    elif not isinstance(expires, datetime.date):
-        t.problem("client_secret_expires", "must be a date, e.g. 2027-06-30")
-        expires = None
-    cert = t.path("certificate")
-    key = t.path("certificate_key")
+            t.problem(name, "must be a date, e.g. 2027-06-30")
+            return None
+    if isinstance(expires, datetime.datetime):
+        return expires.date()
+    if not isinstance(expires, datetime.date):
+        t.problem(name, "must be a date, e.g. 2027-06-30")
+        return None
+    return expires
+
+
+def _m365_credential(reader: _Reader, t: _Table, secret: Secret | None,
+                     cert: str, key: str) -> None:
     if secret is not None and (cert or key):
-        t.problem("client_secret", "set either client_secret or certificate + certificate_key, not both")
+        t.problem("client_secret",
+                  "set either client_secret or certificate + certificate_key, not both")
     elif secret is None and not (cert or key):
-        if not any(p.key == t.key("client_secret") for p in reader.problems):
-            t.problem("client_secret", 'required for type "m365" (or certificate + certificate_key)')
+        if not reader.has_problem(t.key("client_secret")):
+            t.problem("client_secret",
+                      'required for type "m365" (or certificate + certificate_key)')
     elif bool(cert) != bool(key):
         t.problem("certificate_key" if cert else "certificate",
                   "certificate and certificate_key go together")
     else:
         _readable(reader, t.key("certificate"), cert)
         _readable(reader, t.key("certificate_key"), key)
+
+
+def _m365(reader: _Reader, t: _Table) -> M365Provider:
+    tenant = _required(t, "tenant_id", "m365")
+    client = _required(t, "client_id", "m365")
+    secret = t.secret("client_secret")
+    expires = _expiry_date(t, "client_secret_expires")
+    cert = t.path("certificate")
+    key = t.path("certificate_key")
+    _m365_credential(reader, t, secret, cert, key)
     ca = t.path("ca_file")
     _readable(reader, t.key("ca_file"), ca)
     return M365Provider(
@@ -750,11 +548,8 @@ def _m365(reader, t):
     )
 
 
-def _gmail(reader, t):
-    sa = t.path("service_account_file")
-    client = t.string("client_id", "")
-    secret = t.secret("client_secret")
-    refresh = t.secret("refresh_token")
+def _gmail_credential(reader: _Reader, t: _Table, sa: str, client: str,
+                      secret: Secret | None, refresh: Secret | None) -> None:
     oauth = bool(client or secret or refresh)
     if sa and oauth:
         t.problem("service_account_file",
@@ -764,11 +559,19 @@ def _gmail(reader, t):
     elif oauth:
         for name, value in (("client_id", client), ("client_secret", secret),
                             ("refresh_token", refresh)):
-            if not value and not any(p.key == t.key(name) for p in reader.problems):
+            if not value and not reader.has_problem(t.key(name)):
                 t.problem(name, "required for user OAuth (client_id, client_secret, refresh_token)")
     else:
         t.problem("service_account_file",
                   'required for type "gmail" (or client_id + client_secret + refresh_token)')
+
+
+def _gmail(reader: _Reader, t: _Table) -> GmailProvider:
+    sa = t.path("service_account_file")
+    client = t.string("client_id", "")
+    secret = t.secret("client_secret")
+    refresh = t.secret("refresh_token")
+    _gmail_credential(reader, t, sa, client, secret, refresh)
     ca = t.path("ca_file")
     _readable(reader, t.key("ca_file"), ca)
     return GmailProvider(
@@ -786,15 +589,13 @@ def _gmail(reader, t):
 _DEFAULT_PORTS = {"starttls": 587, "tls": 465, "none": 25}
 
 
-def _smtp_provider(reader, t):
+def _smtp_provider(reader: _Reader, t: _Table) -> SMTPProvider:
     host = _required(t, "host", "smtp")
     security = t.string("security", "starttls", choices=("starttls", "tls", "none"))
     port = t.integer("port", _DEFAULT_PORTS[security], minimum=1, maximum=65535)
     username = t.string("username", "")
     password = t.secret("password")
-    if username and password is None and not any(
-        p.key == t.key("password") for p in reader.problems
-    ):
+    if username and password is None and not reader.has_problem(t.key("password")):
         t.problem("password", "required when provider.username is set")
     if password is not None and not username:
         t.problem("username", "required when provider.password is set")
@@ -812,7 +613,7 @@ def _smtp_provider(reader, t):
     )
 
 
-def _delivery(t):
+def _delivery(t: _Table) -> DeliveryConfig:
     retry_texts = t.string_list("retry", ("1m", "5m", "15m", "1h", "4h"))
     retry = []
     for text in retry_texts:
@@ -834,7 +635,7 @@ def _delivery(t):
     return d
 
 
-def _database(reader, t):
+def _database(reader: _Reader, t: _Table) -> DatabaseConfig:
     url = t.string("url", "sqlite:///var/relay.db")
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
@@ -849,8 +650,8 @@ def _database(reader, t):
     return d
 
 
-def _admin(reader, t):
-    listen = ListenAddress("127.0.0.1", 8025)
+def _admin(reader: _Reader, t: _Table) -> AdminConfig:
+    listen: ListenAddress | None = ListenAddress("127.0.0.1", 8025)
     value = t.raw("listen")
     if value is not _MISSING:
         if value == "":
@@ -862,13 +663,13 @@ def _admin(reader, t):
                 t.problem("listen", str(e))
     token = t.secret("token")
     if listen is not None and not listen.is_loopback and not (token and token.value):
-        if not any(p.key == t.key("token") for p in reader.problems):
+        if not reader.has_problem(t.key("token")):
             t.problem("token", f"required when admin.listen ({listen}) is not loopback")
     t.finish()
     return AdminConfig(listen=listen, token=token)
 
 
-def _open_relay_guard(reader, smtp):
+def _open_relay_guard(reader: _Reader, smtp: SMTPConfig) -> None:
     if smtp.open_relay or smtp.auth.required or smtp.allowed_networks:
         return
     exposed = [a for a in smtp.listen + smtp.tls_listen if not a.is_loopback]
@@ -880,17 +681,28 @@ def _open_relay_guard(reader, smtp):
         )
 
 
-def _sender_sanity(reader, config):
+def _sender_sanity(reader: _Reader, config: Config) -> None:
     users_lists = [u for u in config.smtp.auth.users.values() if u.allowed is not None]
     for user in users_lists:
-        if not user.allowed.patterns:
+        if user.allowed is not None and not user.allowed.patterns:
             reader.problem(f"smtp.auth.users.{user.name}.allowed",
                            "is empty: this user could send as nobody")
 
 
-def parse(document, base_dir=".", environ=None, source="relay.toml"):
-    """Validate a document (a dict shaped like relay.toml) -> Config or ConfigError."""
-    reader = _Reader(base_dir, os.environ if environ is None else environ)
+def _monitoring(t: _Table) -> MonitoringConfig:
+    monitoring = MonitoringConfig(
+        secret_warning_days=t.integer("secret_warning_days", 30, minimum=0)
+    )
+    t.finish()
+    return monitoring
+
+
+def parse_document(document: Any, facts: Facts, source: str = "relay.toml") -> Config:
+    """Validate a document (a dict shaped like relay.toml) against gathered facts.
+
+    Pure: -> Config, or ConfigError with every problem, in the order the document is read.
+    """
+    reader = _Reader(facts)
     root = _Table(reader, "", document)
     smtp = _smtp(reader, root.table("smtp"))
     sender = _sender(root.table("sender"))
@@ -898,11 +710,7 @@ def parse(document, base_dir=".", environ=None, source="relay.toml"):
     delivery = _delivery(root.table("delivery"))
     database = _database(reader, root.table("database"))
     admin = _admin(reader, root.table("admin"))
-    mon_t = root.table("monitoring")
-    monitoring = MonitoringConfig(
-        secret_warning_days=mon_t.integer("secret_warning_days", 30, minimum=0)
-    )
-    mon_t.finish()
+    monitoring = _monitoring(root.table("monitoring"))
     root.finish()
     config = Config(smtp=smtp, sender=sender, provider=provider, delivery=delivery,
                     database=database, admin=admin, monitoring=monitoring,
@@ -912,70 +720,3 @@ def parse(document, base_dir=".", environ=None, source="relay.toml"):
     if reader.problems:
         raise ConfigError(reader.problems, source)
     return config
-
-
-def load(path, environ=None):
-    """Read and validate a configuration file -> Config, or raise ConfigError."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError([Problem("", f"cannot read the file: {_os_reason(e)}")], str(path))
-    try:
-        document = tomllib.loads(data.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError([Problem("", f"not valid TOML: {e}")], str(path))
-    config = parse(document, path.resolve().parent, environ, source=str(path))
-    return attr.evolve(config, path=str(path.resolve()))
-
-
-# ---------------------------------------------------------------------------
-# redaction, for the admin API
-
-
-def _is_secret_key(key):
-    for pattern in SECRET_KEYS:
-        p = pattern.split(".")
-        k = key.split(".")
-        if len(p) == len(k) and all(a == "*" or a == b for a, b in zip(p, k)):
-            return True
-    return False
-
-
-def redact(document, prefix=""):
-    """A copy of ``document`` with every secret replaced by ``{"set": bool}``."""
-    out = {}
-    for name, value in document.items():
-        key = f"{prefix}.{name}" if prefix else name
-        is_user_table = (
-            key.startswith("smtp.auth.users.") and key.count(".") == 3
-            and isinstance(value, dict) and ("password" in value or "allowed" in value)
-        )
-        if _is_secret_key(key) and not is_user_table:
-            out[name] = {"set": value not in (None, "", {})}
-        elif isinstance(value, dict):
-            out[name] = redact(value, key)
-        else:
-            out[name] = value
-    return out
-
-
-def unredact(new, current, prefix=""):
-    """``new`` with every ``{"set": true}`` secret taken from ``current``."""
-    out = {}
-    for name, value in new.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if _is_secret_key(key) and value == {"set": True}:
-            old = current.get(name) if isinstance(current, dict) else None
-            if old is None:
-                out[name] = value  # parse() will say it is not a secret form
-            else:
-                out[name] = old
-        elif _is_secret_key(key) and value == {"set": False}:
-            continue
-        elif isinstance(value, dict):
-            cur = current.get(name, {}) if isinstance(current, dict) else {}
-            out[name] = unredact(value, cur if isinstance(cur, dict) else {}, key)
-        else:
-            out[name] = value
-    return out
