@@ -2,12 +2,12 @@
 
 It meets the SMTP side only at the store (and a ``wake()`` nudge when a
 message was just accepted).  Per sending mailbox it keeps at most
-``delivery.concurrency`` provider calls in flight (in this process by a
-semaphore; across instances because claims count the active rows), and it
-honours a provider's Retry-After for the whole mailbox.  Leases are renewed
-while calls run, so another instance takes a message over only when this
-one is gone.  The clock is injected: tests run days of retries in
-milliseconds.
+``delivery.concurrency`` provider calls in flight (in this process by
+:class:`~smtprelay.slots.MailboxSlots`; across instances because claims
+count the active rows), and it honours a provider's Retry-After for the
+whole mailbox.  Leases are renewed while calls run, so another instance
+takes a message over only when this one is gone.  The clock is injected:
+tests run days of retries in milliseconds.
 
 A new configuration reaches the runner through :meth:`QueueRunner.apply`
 (delivery settings, the per-mailbox limit of the mailboxes already active
@@ -86,7 +86,7 @@ class QueueRunner(service.Service):
         self.limiter = MailboxLimiter(delivery.concurrency)
         # With claim_ahead (a relay that owns its database) a mailbox may hold
         # twice its concurrency leased: the next messages are claimed and read
-        # while the provider works, and the semaphore still bounds the calls.
+        # while the provider works, and the mailbox's slots still bound the calls.
         # Shared databases keep it off: there the lease count is the bound.
         self.claim_ahead = claim_ahead
         # message id -> Deferred of the whole delivery
