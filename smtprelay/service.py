@@ -9,58 +9,70 @@ progress allowed ``smtp.shutdown_grace`` to finish their message.
 (the admin API's ``PUT /api/config``): listeners that changed are rebound,
 the provider is rebuilt, the front door, queue runner and lockout get the new
 settings, and the queue is untouched.  It binds first and switches after, so
-a failure (a port in use) leaves the old configuration running.
+a failure (a port in use) leaves the old configuration running.  The service
+only sequences a change (prepare, bind paused, write the file, switch, swap
+listeners); each room's ``apply`` knows what of the configuration is its own.
 """
 
-import socket
+from __future__ import annotations
 
+import socket
+import sys
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import attr
 from twisted.application import service
 from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
+from twisted.internet.tcp import Port
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from smtprelay import __version__, logs
 from smtprelay.admin.monitor import Monitor
 from smtprelay.admin.shapes import safe_reason as _reason
+from smtprelay.config import Config, ListenAddress
+from smtprelay.errors import ApplyError, ListenError
 from smtprelay.metrics import Metrics
 from smtprelay.providers import make_provider
+from smtprelay.providers.base import IProvider
 from smtprelay.queue import QueueRunner
 from smtprelay.smtp.auth import Lockout, make_portal
 from smtprelay.smtp.server import FrontDoor, RelaySMTPFactory
 from smtprelay.store import make_store
+from smtprelay.store.interface import IStore
 from smtprelay.tls import ServerContextFactory
+
+if TYPE_CHECKING:
+    from smtprelay.admin.configfile import PendingWrite
+
+__all__ = ["ApplyError", "ListenError", "RelayService", "hostname"]
 
 log = Logger()
 
-
-class ListenError(Exception):
-    """A listener could not be bound; the message names the key."""
-
-    def __init__(self, message, key=None):
-        super().__init__(message)
-        self.key = key
-
-
-class ApplyError(Exception):
-    """A new configuration could not be applied; the old one keeps running.
-
-    ``fields`` (dotted key -> problem) when the problem belongs to a key."""
-
-    def __init__(self, message, fields=None):
-        super().__init__(message)
-        self.fields = dict(fields or {})
+# The reactor: TCP, SSL, time and threads in one object, which no single
+# Twisted interface describes.
+Reactor = Any
+# An SMTP listener: (configuration key, address, implicit TLS)
+Spec = tuple[str, ListenAddress, bool]
 
 
 class RelayService(service.MultiService):
-    def __init__(self, config, reactor, store=None, provider=None):
+    def __init__(self, config: Config, reactor: Reactor, store: IStore | None = None,
+                 provider: IProvider | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.clock = reactor
-        self.started_at = None
+        self.started_at: float | None = None
         logs.set_secrets(config.secrets())
-        self.store = store or make_store(config.database, reactor, config.provider.type)
-        self.provider = provider or make_provider(config, reactor)
-        self.metrics = Metrics(config.provider.type, reactor)
+        self.store: IStore = store or make_store(config.database, reactor,
+                                                 _provider_type(config))
+        self.provider: IProvider = provider or make_provider(config, reactor)
+        self.metrics = Metrics(_provider_type(config), reactor)
         self.lockout = Lockout(reactor, config.smtp.auth.max_failures, config.smtp.auth.lockout)
         self.runner = QueueRunner(self.store, self.provider, config.delivery, reactor,
                                   retention=config.database.retention, metrics=self.metrics,
@@ -72,16 +84,16 @@ class RelayService(service.MultiService):
             self.lockout, tls_context=self._tls_context(config), runner=self.runner,
             metrics=self.metrics,
         )
-        self._ports = []
+        self._ports: list[Port] = []
         self.smtp_running = False
         # the admin API (smtprelay.admin), on the same reactor
         self.monitor = Monitor(self, reactor)
-        self._admin_port = None
-        self._admin_site = None
+        self._admin_port: Port | None = None
+        self._admin_site: Site | None = None
         self._reconfiguring = defer.DeferredLock()
 
     @staticmethod
-    def _tls_context(config):
+    def _tls_context(config: Config) -> ServerContextFactory | None:
         smtp = config.smtp
         if not smtp.tls_enabled:
             return None
@@ -89,9 +101,9 @@ class RelayService(service.MultiService):
 
     # -- listeners ----------------------------------------------------------------
 
-    def _bind(self):
+    def _bind(self) -> list[Port]:
         smtp = self.config.smtp
-        ports = []
+        ports: list[Port] = []
         try:
             for address in smtp.listen:
                 ports.append(self._listen("smtp.listen", address, RelaySMTPFactory(self.door)))
@@ -104,9 +116,8 @@ class RelayService(service.MultiService):
             raise
         return ports
 
-    def _listen(self, key, address, factory, tls=False, context=None):
-        from twisted.internet.error import CannotListenError
-
+    def _listen(self, key: str, address: ListenAddress, factory: Any, tls: bool = False,
+                context: ServerContextFactory | None = None) -> Port:
         try:
             if tls:
                 return self.reactor.listenSSL(address.port, factory,
@@ -118,7 +129,7 @@ class RelayService(service.MultiService):
             reason = e.socketError.strerror if getattr(e.socketError, "strerror", None) else e
             raise ListenError(f"{key}: cannot listen on {address}: {reason}", key) from None
 
-    def bound_addresses(self):
+    def bound_addresses(self) -> list[str]:
         """"host:port" of every SMTP listener (ports resolved when 0 was asked)."""
         out = []
         for p in self._ports:
@@ -126,24 +137,22 @@ class RelayService(service.MultiService):
             out.append(f"[{h.host}]:{h.port}" if ":" in h.host else f"{h.host}:{h.port}")
         return out
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
         # bind before twistd drops privileges (port 25); a port in use ends start-up
         try:
             self._ports = self._bind()
             self.smtp_running = True
             self._admin_port = self._bind_admin(self.config.admin.listen)
         except ListenError as e:
-            import sys
-
             for p in self._ports:
                 p.stopListening()
             sys.stderr.write(f"{self.config.path or 'relay.toml'}: {e}\n")
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         super().privilegedStartService()
 
     # -- life ---------------------------------------------------------------------------
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         self.started_at = self.clock.seconds()
         if not self._ports:
@@ -155,7 +164,7 @@ class RelayService(service.MultiService):
         d.addErrback(self._fatal)
 
     @defer.inlineCallbacks
-    def _start(self):
+    def _start(self) -> Generator[Any, Any, None]:
         # hold connections until the store is ready: they get the greeting late, not 451s
         held = self._ports + ([self._admin_port] if self._admin_port else [])
         for p in held:
@@ -169,15 +178,15 @@ class RelayService(service.MultiService):
         log.info("smtprelay {version} ready: SMTP on {listen}, provider {provider}, "
                  "delivery {mode}, instance {instance}",
                  version=__version__, listen=", ".join(self.bound_addresses()),
-                 provider=self.config.provider.type, mode=self.config.delivery.mode,
+                 provider=_provider_type(self.config), mode=self.config.delivery.mode,
                  instance=self.store.instance_id)
 
-    def _fatal(self, failure):
+    def _fatal(self, failure: Failure) -> None:
         log.failure("start-up failed", failure)
         self.reactor.stop()
 
     @defer.inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[Any, Any, None]:
         log.info("stopping: no new SMTP sessions; sessions in progress may finish their message")
         yield self.stop_smtp(grace=self.config.smtp.shutdown_grace)
         if self._admin_port is not None:
@@ -195,20 +204,20 @@ class RelayService(service.MultiService):
     # -- SMTP start/stop (SIGTERM, the admin API) ----------------------------------------------
 
     @defer.inlineCallbacks
-    def stop_smtp(self, grace=30.0):
+    def stop_smtp(self, grace: float = 30.0) -> Generator[Any, Any, None]:
         if not self.smtp_running:
             return
         yield self.close_smtp_listeners()
         yield self.drain_smtp_sessions(grace)
 
-    def close_smtp_listeners(self):
+    def close_smtp_listeners(self) -> defer.Deferred[Any]:
         """No new SMTP sessions: fires once the listening sockets are closed."""
         self.smtp_running = False
         ports, self._ports = self._ports, []
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
 
     @defer.inlineCallbacks
-    def drain_smtp_sessions(self, grace):
+    def drain_smtp_sessions(self, grace: float) -> Generator[Any, Any, None]:
         """Sessions in progress finish their message; after ``grace`` they are closed."""
         self.door.stop_accepting()
         waited = 0.0
@@ -220,7 +229,7 @@ class RelayService(service.MultiService):
                      n=len(self.door.sessions), g=grace)
             self.door.force_close()
 
-    def start_smtp(self):
+    def start_smtp(self) -> None:
         if self.smtp_running:
             return
         self._ports = self._bind()
@@ -230,14 +239,14 @@ class RelayService(service.MultiService):
     # -- the admin API: its listener, and applying a new configuration ----------------------
 
     @property
-    def admin_site(self):
+    def admin_site(self) -> Site:
         if self._admin_site is None:
             from smtprelay.admin.site import make_site
 
             self._admin_site = make_site(self, self.reactor)
         return self._admin_site
 
-    def _bind_admin(self, address):
+    def _bind_admin(self, address: ListenAddress | None) -> Port | None:
         """Listen for the admin API on ``address`` (None: disabled) -> the port."""
         if address is None:
             return None
@@ -245,18 +254,19 @@ class RelayService(service.MultiService):
         log.info("admin API on {address}", address=_host_port(port))
         return port
 
-    def admin_address(self):
+    def admin_address(self) -> str | None:
         return _host_port(self._admin_port) if self._admin_port is not None else None
 
     @staticmethod
-    def _smtp_specs(config):
+    def _smtp_specs(config: Config) -> list[Spec]:
         return ([("smtp.listen", a, False) for a in config.smtp.listen]
                 + [("smtp.tls_listen", a, True) for a in config.smtp.tls_listen])
 
-    def _bind_specs(self, specs, context):
+    def _bind_specs(self, specs: list[Spec], context: ServerContextFactory | None
+                    ) -> dict[Spec, Port]:
         """Bind SMTP listeners, paused (not accepting yet) -> {spec: port}.
         On failure nothing stays bound; raises ListenError."""
-        ports = {}
+        ports: dict[Spec, Port] = {}
         try:
             for spec in specs:
                 key, address, tls = spec
@@ -270,7 +280,8 @@ class RelayService(service.MultiService):
             raise
         return ports
 
-    def reconfigure(self, new, pending_write=None):
+    def reconfigure(self, new: Config, pending_write: PendingWrite | None = None
+                    ) -> defer.Deferred[None]:
         """Apply ``new`` (a Config) without a restart -> Deferred; ApplyError when it
         cannot be applied, and then the old configuration keeps running.
 
@@ -280,113 +291,136 @@ class RelayService(service.MultiService):
         return self._reconfiguring.run(self._reconfigure, new, pending_write)
 
     @defer.inlineCallbacks
-    def _reconfigure(self, new, pending_write):
-        from twisted.internet.threads import deferToThreadPool
+    def _reconfigure(self, new: Config, pending_write: PendingWrite | None
+                     ) -> Generator[Any, Any, None]:
+        # prepare, bind (paused), write the file; then switch the rooms and the listeners
+        change = self._prepare(new)
+        try:
+            yield self._bind_new(change)
+            if pending_write is not None:
+                yield self._write(pending_write, change.secrets)
+        except (ListenError, ApplyError) as e:
+            self._undo(change, pending_write)
+            if isinstance(e, ListenError):
+                raise _apply_error(e) from e
+            raise
+        # from here on nothing can fail for the configuration's sake
+        self._switch(change)
+        self._swap_listeners(change)
+        smtp = new.smtp
+        log.info("configuration applied: SMTP on {listen}, provider {provider}",
+                 listen=", ".join(str(a) for a in smtp.listen + smtp.tls_listen),
+                 provider=_provider_type(new))
 
+    def _prepare(self, new: Config) -> _Change:
+        """What ``new`` needs, built and planned before anything is bound -> the change;
+        ApplyError when it cannot be set up (and nothing has changed)."""
         old = self.config
         secrets = old.secrets() + new.secrets()
         if new.database.url != old.database.url:
             raise ApplyError("the database cannot be changed while the relay runs", {
                 "database.url": "cannot be changed while the relay runs: edit the "
                                 "configuration file and restart"})
-        smtp_o, smtp_n = old.smtp, new.smtp
-        tls_changed = ((smtp_o.tls_certificate, smtp_o.tls_key, smtp_o.tls_minimum_version)
-                       != (smtp_n.tls_certificate, smtp_n.tls_key, smtp_n.tls_minimum_version))
-        context = self.door.tls_context
-        provider = None
+        change = _Change(old, new, secrets, tls_changed=_tls_changed(old, new),
+                         context=self.door.tls_context)
         try:
-            if tls_changed:
-                context = self._tls_context(new)
+            if change.tls_changed:
+                change.context = self._tls_context(new)
             if _provider_changed(old, new):
-                provider = make_provider(new, self.reactor)
+                change.provider = make_provider(new, self.reactor)
         except Exception as e:
-            raise ApplyError(f"the new configuration cannot be set up: {_reason(e, secrets)}")
+            raise ApplyError(
+                f"the new configuration cannot be set up: {_reason(e, secrets)}") from None
+        self._plan_listeners(change)
+        return change
 
-        # bind what is new (paused) before anything is switched
-        have = list(zip(self._smtp_specs(old), self._ports)) if self.smtp_running else []
-        want = self._smtp_specs(new)
-        keep = {spec: port for spec, port in have
-                if spec in want and not (spec[2] and tls_changed)}
-        remove = [(spec, port) for spec, port in have if spec not in keep]
-        add = [spec for spec in want if spec not in keep]
-        released, added, admin_port = [], {}, None
+    def _plan_listeners(self, change: _Change) -> None:
+        """Which SMTP listeners stay, go and are new (a TLS one is new with new TLS)."""
+        have = list(zip(self._smtp_specs(change.old), self._ports)) if self.smtp_running else []
+        change.want = self._smtp_specs(change.new)
+        change.keep = {spec: port for spec, port in have
+                       if spec in change.want and not (spec[2] and change.tls_changed)}
+        change.remove = [(spec, port) for spec, port in have if spec not in change.keep]
+        change.add = [spec for spec in change.want if spec not in change.keep]
+
+    @defer.inlineCallbacks
+    def _bind_new(self, change: _Change) -> Generator[Any, Any, None]:
+        """Bind what is new, paused, before anything is switched; raises ListenError."""
         try:
-            try:
-                added = self._bind_specs(add, context)
-            except ListenError as e:
-                # the new address may be one that a listener about to go still holds
-                port_number = e.spec[1].port
-                if not any(p.getHost().port == port_number for _, p in remove):
-                    raise
-                released = [(spec, port.getHost()) for spec, port in remove]
-                yield defer.gatherResults([defer.maybeDeferred(p.stopListening)
-                                           for _, p in remove])
-                added = self._bind_specs(add, context)
-            if new.admin.listen != old.admin.listen and new.admin.listen is not None:
-                admin_port = self._bind_admin(new.admin.listen)
-                admin_port.stopReading()
-            if pending_write is not None:
-                pool = self.reactor.getThreadPool()
-                try:
-                    yield deferToThreadPool(self.reactor, pool, pending_write.commit)
-                except Exception as e:
-                    raise ApplyError("cannot write the configuration file: "
-                                     f"{_reason(e, secrets)}") from None
-        except (ListenError, ApplyError) as e:
-            for p in added.values():
-                p.stopListening()
-            if admin_port is not None:
-                admin_port.stopListening()
-            if released:
-                self._restore(released, remove, keep, want=self._smtp_specs(old))
-            if provider is not None:
-                defer.maybeDeferred(provider.stop).addErrback(lambda f: None)
-            if pending_write is not None:
-                pending_write.abort()
-            if isinstance(e, ListenError):
-                raise ApplyError(str(e), {e.key: str(e).partition(": ")[2]} if e.key else None)
-            raise
+            change.added = self._bind_specs(change.add, change.context)
+        except ListenError as e:
+            # the new address may be one that a listener about to go still holds
+            port_number = e.spec[1].port if e.spec is not None else None
+            if not any(p.getHost().port == port_number for _, p in change.remove):
+                raise
+            change.released = [(spec, port.getHost()) for spec, port in change.remove]
+            yield defer.gatherResults([defer.maybeDeferred(p.stopListening)
+                                       for _, p in change.remove])
+            change.added = self._bind_specs(change.add, change.context)
+        if change.admin_changed and change.new.admin.listen is not None:
+            change.admin_port = self._bind_admin(change.new.admin.listen)
+            if change.admin_port is not None:
+                change.admin_port.stopReading()
 
-        # switch: from here on nothing can fail for the configuration's sake
+    @defer.inlineCallbacks
+    def _write(self, pending_write: PendingWrite, secrets: list[str]
+               ) -> Generator[Any, Any, None]:
+        """Put the new configuration file in place (on a thread: it blocks)."""
+        pool = self.reactor.getThreadPool()
+        try:
+            yield deferToThreadPool(self.reactor, pool, pending_write.commit)
+        except Exception as e:
+            raise ApplyError("cannot write the configuration file: "
+                             f"{_reason(e, secrets)}") from None
+
+    def _undo(self, change: _Change, pending_write: PendingWrite | None) -> None:
+        """A change that failed before the switch: give back what it took."""
+        for p in change.added.values():
+            p.stopListening()
+        if change.admin_port is not None:
+            change.admin_port.stopListening()
+        if change.released:
+            self._restore(change.released, change.remove, change.keep,
+                          want=self._smtp_specs(change.old))
+        if change.provider is not None:
+            defer.maybeDeferred(change.provider.stop).addErrback(lambda f: None)
+        if pending_write is not None:
+            pending_write.abort()
+
+    def _switch(self, change: _Change) -> None:
+        """Every room takes its part of the new configuration."""
+        new = change.new
         self.config = new
         logs.set_secrets(new.secrets())
-        door = self.door
-        door.config = new
-        door.hostname = smtp_n.hostname
-        door.tls_context = context
-        door.portal = make_portal(smtp_n.auth.users, self.reactor)
-        self.lockout.max_failures = smtp_n.auth.max_failures
-        self.lockout.window = smtp_n.auth.lockout
-        self.runner.delivery = new.delivery
-        self.runner.limiter.concurrency = new.delivery.concurrency
-        self.runner.retention = new.database.retention
-        if provider is not None:
-            self._switch_provider(provider)
+        self.door.apply(new, change.context, make_portal(new.smtp.auth.users, self.reactor))
+        self.lockout.apply(new.smtp.auth)
+        self.runner.apply(new)
+        if change.provider is not None:
+            self._switch_provider(change.provider)
+
+    def _swap_listeners(self, change: _Change) -> None:
+        """The new listeners start accepting; those that went are closed."""
         if self.smtp_running:
-            self._ports = [keep.get(spec) or added[spec] for spec in want]
-            for p in added.values():
+            self._ports = [change.keep.get(spec) or change.added[spec] for spec in change.want]
+            for p in change.added.values():
                 p.startReading()
-            if not released:
-                for _, p in remove:
+            if not change.released:
+                for _, p in change.remove:
                     p.stopListening()
         else:
-            for p in added.values():  # only a test that the addresses are free
+            for p in change.added.values():  # only a test that the addresses are free
                 p.stopListening()
-        if new.admin.listen != old.admin.listen:
+        if change.admin_changed:
             if self._admin_port is not None:
                 # the request that asked for this is answered on its own connection
                 self._admin_port.stopListening()
-            self._admin_port = admin_port
-            if admin_port is not None:
-                admin_port.startReading()
-        log.info("configuration applied: SMTP on {listen}, provider {provider}",
-                 listen=", ".join(str(a) for a in smtp_n.listen + smtp_n.tls_listen),
-                 provider=new.provider.type)
+            self._admin_port = change.admin_port
+            if change.admin_port is not None:
+                change.admin_port.startReading()
 
-    def _restore(self, released, remove, keep, want):
+    def _restore(self, released: list[tuple[Spec, Any]], remove: list[tuple[Spec, Port]],
+                 keep: dict[Spec, Port], want: list[Spec]) -> None:
         """Put back SMTP listeners released for a reconfiguration that failed."""
-        from smtprelay.config import ListenAddress
-
         restored = {}
         for spec, host in released:
             key, address, tls = spec
@@ -398,51 +432,76 @@ class RelayService(service.MultiService):
                 log.error("could not listen again after a failed reconfiguration: {why}", why=e)
         self._ports = [p for p in (keep.get(spec) or restored.get(spec) for spec in want) if p]
 
-    def _switch_provider(self, provider):
-        old = self.provider
+    def _switch_provider(self, provider: IProvider) -> None:
         self.provider = provider
-        self.runner.provider = provider
+        # fires with the old provider once the deliveries that may be using it are done
+        settled = self.runner.switch_provider(provider)
         self.metrics.provider_type = provider.type
         defer.maybeDeferred(provider.start).addErrback(
             lambda f: log.warn("starting the {type} provider failed: {why}",
                                type=provider.type, why=_reason(f.value, self.config.secrets())))
-        # the old provider stops once the deliveries that may be using it are done
-        calls = [_settled(d) for d in list(self.runner._in_flight.values())]
-        done = defer.DeferredList(calls)
-        done.addCallback(lambda _: defer.maybeDeferred(old.stop))
-        done.addErrback(lambda f: log.warn("stopping the old provider failed: {why}",
-                                           why=f.getErrorMessage()))
+        settled.addCallback(lambda old: defer.maybeDeferred(old.stop))
+        settled.addErrback(lambda f: log.warn("stopping the old provider failed: {why}",
+                                              why=f.getErrorMessage()))
 
 
-def hostname():
+@attr.define
+class _Change:
+    """One reconfiguration under way: what was built and bound for it, so that a
+    failure gives back exactly what it took and a success switches to it."""
+
+    old: Config
+    new: Config
+    secrets: list[str]
+    tls_changed: bool
+    context: ServerContextFactory | None  # for new sessions and new TLS listeners
+    provider: IProvider | None = None  # rebuilt for the new configuration
+    want: list[Spec] = attr.Factory(list)  # the SMTP listeners of the new configuration
+    keep: dict[Spec, Port] = attr.Factory(dict)  # running, and staying as they are
+    remove: list[tuple[Spec, Port]] = attr.Factory(list)  # running, and going
+    add: list[Spec] = attr.Factory(list)  # to be bound
+    added: dict[Spec, Port] = attr.Factory(dict)  # bound for the change, paused
+    released: list[tuple[Spec, Any]] = attr.Factory(list)  # (spec, address) closed early
+    admin_port: Port | None = None  # the admin API's new listener, paused
+
+    @property
+    def admin_changed(self) -> bool:
+        return self.new.admin.listen != self.old.admin.listen
+
+
+def _provider_type(config: Config) -> str:
+    """``provider.type`` (the configuration types ``provider`` as any provider table)."""
+    provider: Any = config.provider
+    return str(provider.type)
+
+
+def _apply_error(e: ListenError) -> ApplyError:
+    """The ApplyError for a listener that could not be bound (its key, if known)."""
+    return ApplyError(str(e), {e.key: str(e).partition(": ")[2]} if e.key else None)
+
+
+def _tls_changed(old: Config, new: Config) -> bool:
+    o, n = old.smtp, new.smtp
+    return ((o.tls_certificate, o.tls_key, o.tls_minimum_version)
+            != (n.tls_certificate, n.tls_key, n.tls_minimum_version))
+
+
+def hostname() -> str:
     return socket.getfqdn()
 
 
-def _settled(d):
-    """A Deferred that fires (with None) when ``d`` does, leaving ``d``'s result alone."""
-    out = defer.Deferred()
-
-    def fire(result):
-        if not out.called:
-            out.callback(None)
-        return result
-
-    d.addBoth(fire)
-    return out
-
-
-def _provider_changed(old, new):
+def _provider_changed(old: Config, new: Config) -> bool:
     """Does the provider need rebuilding?  (Secret values compare too: ``Secret``
     equality ignores the value.)"""
     from smtprelay.config import _walk_secrets
 
-    def shape(c):
+    def shape(c: Config) -> tuple[object, ...]:
         return (c.provider, c.sender, c.smtp.hostname, c.delivery, c.monitoring,
                 [s.reveal() for s in _walk_secrets(c.provider)])
 
     return shape(old) != shape(new)
 
 
-def _host_port(port):
+def _host_port(port: Port) -> str:
     h = port.getHost()
     return f"[{h.host}]:{h.port}" if ":" in h.host else f"{h.host}:{h.port}"

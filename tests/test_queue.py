@@ -5,11 +5,12 @@ stand-in at the IProvider boundary (the real providers have their own suites).""
 import os
 import tempfile
 
+import attr
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from smtprelay.config import DeliveryConfig
+from smtprelay.config import Config, DatabaseConfig, DeliveryConfig
 from smtprelay.model import Outcome, Status
 from smtprelay.providers.base import CheckResult, IProvider, ProviderBase
 from smtprelay.queue import QueueRunner
@@ -348,6 +349,110 @@ class QueueTests(QueueHarness):
             self.assertEqual((yield self.status(env)), "sent")
         self.assertTrue(r.reserve("other@x.org"))  # the queue is empty again
         r.unreserve()
+
+
+class ApplyTests(QueueHarness):
+    """A new configuration and a new provider, handed to a running runner."""
+
+    def test_apply_takes_the_delivery_settings_and_retention(self):
+        r = self.runner(ScriptedProvider(), concurrency=2)
+        delivery = DeliveryConfig(retry=(5.0,), max_age=60.0, concurrency=3)
+        r.apply(Config(delivery=delivery, database=DatabaseConfig(retention=10.0)))
+        self.assertIs(r.delivery, delivery)
+        self.assertEqual(r.limiter.concurrency, 3)
+        self.assertEqual(r.claim_limit, 3)
+        self.assertEqual(r.retention, 10.0)
+
+    @defer.inlineCallbacks
+    def test_apply_resizes_a_mailbox_already_sending(self):
+        provider = ScriptedProvider(["hang"] * 4)
+        r = self.runner(provider, claim_ahead=True, concurrency=1)
+        for i in range(4):
+            yield self.accept(i, mailbox="m@x.org")
+        self.clock.advance(1)  # all due
+        r.wake()
+        yield self.settle()
+        # one call; the next message claimed, read, and waiting for the mailbox's slot
+        self.assertEqual(len(provider.calls), 1)
+        self.assertEqual(r.limiter.waiting(), 1)
+        r.apply(Config(delivery=attr.evolve(r.delivery, concurrency=2)))
+        yield self.settle()
+        # the waiting one goes at once: the first call has not finished
+        self.assertEqual(len(provider.calls), 2)
+        self.assertEqual(r.limiter.in_flight("m@x.org"), 2)
+        self.assertFalse(any(d.called for d in provider.hanging))
+        for d in provider.hanging:
+            d.callback(Outcome.sent("ok"))
+        yield self.advance(3)
+        for d in provider.hanging[2:]:
+            d.callback(Outcome.sent("ok"))
+        yield self.settle()
+        stats = yield self.store.stats(self.clock.seconds())
+        self.assertEqual(stats["sent"], 4)
+
+    @defer.inlineCallbacks
+    def test_apply_with_a_smaller_concurrency_lets_no_new_call_in_until_enough_ended(self):
+        provider = ScriptedProvider(["hang"] * 4)
+        r = self.runner(provider, claim_ahead=True, concurrency=2)
+        for i in range(4):
+            yield self.accept(i, mailbox="m@x.org")
+        self.clock.advance(1)
+        r.wake()
+        yield self.settle()
+        self.assertEqual(len(provider.calls), 2)
+        r.apply(Config(delivery=attr.evolve(r.delivery, concurrency=1)))
+        provider.hanging[0].callback(Outcome.sent("ok"))
+        yield self.settle()
+        self.assertEqual(len(provider.calls), 2)  # still one in flight: the new limit
+        provider.hanging[1].callback(Outcome.sent("ok"))
+        yield self.settle()
+        self.assertEqual(len(provider.calls), 3)
+        self.assertEqual(r.limiter.in_flight("m@x.org"), 1)
+
+    @defer.inlineCallbacks
+    def test_switch_provider_fires_with_the_old_one_once_its_deliveries_settled(self):
+        old = ScriptedProvider(["hang"])
+        r = self.runner(old)
+        first = yield self.accept(0)
+        r.wake()
+        yield self.settle()
+        self.assertEqual(len(old.calls), 1)
+        new = ScriptedProvider()
+        settled = []
+        r.switch_provider(new).addCallback(settled.append)
+        self.assertIs(r.provider, new)
+        second = yield self.accept(1, mailbox="other@x.org")
+        self.clock.advance(1)  # due
+        r.wake()
+        yield self.settle()
+        self.assertEqual([c[0] for c in new.calls], [second.id])
+        self.assertEqual(settled, [])  # the old provider still has a call in flight
+        old.hanging[0].callback(Outcome.sent("ok"))
+        yield self.settle()
+        self.assertEqual(settled, [old])
+        self.assertEqual((yield self.status(first)), "sent")
+        self.assertEqual((yield self.status(second)), "sent")
+
+    @defer.inlineCallbacks
+    def test_switch_provider_counts_a_call_that_raised_as_settled(self):
+        old = ScriptedProvider(["hang"])
+        r = self.runner(old)
+        yield self.accept(0)
+        r.wake()
+        yield self.settle()
+        settled = []
+        r.switch_provider(ScriptedProvider()).addCallback(settled.append)
+        old.hanging[0].errback(RuntimeError("boom"))
+        yield self.settle()
+        self.assertEqual(settled, [old])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_switch_provider_with_nothing_in_flight_fires_at_once(self):
+        old = ScriptedProvider()
+        r = self.runner(old)
+        settled = []
+        r.switch_provider(ScriptedProvider()).addCallback(settled.append)
+        self.assertEqual(settled, [old])
 
 
 class ClaimAheadTests(QueueHarness):

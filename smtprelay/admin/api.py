@@ -38,6 +38,7 @@ from smtprelay import config as configuration
 from smtprelay.admin import auth, configfile, openapi, shapes, testmail
 from smtprelay.admin.monitor import credential_status
 from smtprelay.admin.shapes import safe_reason as _reason
+from smtprelay.errors import ApplyError, ListenError
 from smtprelay.model import Claim, Envelope, Status, new_message_id
 from smtprelay.store import DeliveryPage, DeliveryRow
 from smtprelay.store.interface import StoreUnavailable
@@ -373,8 +374,6 @@ class AdminAPI:
     @defer.inlineCallbacks
     def _put_config(self, request: IRequest,
                     body: dict[str, Any]) -> Generator["defer.Deferred[Any]", Any, bytes]:
-        from smtprelay.service import ApplyError
-
         relay = self.relay
         current = relay.config
         if not current.path:
@@ -492,8 +491,6 @@ class AdminAPI:
     @route(app, "/api/smtp/start", ["POST"])
     @defer.inlineCallbacks
     def smtp_start(self, request):
-        from smtprelay.service import ListenError
-
         if not self.relay.smtp_running:
             try:
                 self.relay.start_smtp()

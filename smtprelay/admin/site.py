@@ -7,9 +7,18 @@ that keep browsers from sniffing, framing or leaking it; the page's own
 Content-Security-Policy allows only this origin's script and style.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IReactorTime
 from twisted.web import server
 
 from smtprelay.admin.api import AdminAPI, error_body
+
+if TYPE_CHECKING:
+    # only for the annotation: the service imports this module (lazily)
+    from smtprelay.service import RelayService
 
 MAX_BODY = 1_000_000  # bytes of a request body (a configuration is a few KB)
 DISCONNECT_AFTER = 16 * MAX_BODY
@@ -32,26 +41,29 @@ class AdminRequest(server.Request):
     _body_seen = 0
     too_large = False
 
-    def gotLength(self, length):
+    def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_BODY:
             self.too_large = True
         super().gotLength(length if not self.too_large else 0)
 
-    def handleContentChunk(self, data):
+    def handleContentChunk(self, data: bytes) -> None:
         self._body_seen += len(data)
         if self._body_seen > MAX_BODY:
             self.too_large = True
         if self.too_large:
             if self._body_seen > DISCONNECT_AFTER:
-                self.channel.transport.loseConnection()
+                transport = self.channel.transport
+                if transport is not None:
+                    transport.loseConnection()
             return
         super().handleContentChunk(data)
 
-    def process(self):
+    def process(self) -> None:
         for name, value in SECURITY_HEADERS.items():
             self.setHeader(name, value)
         if self.too_large:
-            self.site = self.channel.site
+            channel: Any = self.channel  # its ``site`` is set by Site.buildProtocol
+            self.site = channel.site
             self.setResponseCode(413)
             self.setHeader(b"Content-Type", b"application/json")
             self.setHeader(b"Connection", b"close")
@@ -61,7 +73,7 @@ class AdminRequest(server.Request):
         super().process()
 
 
-def make_site(relay, clock):
+def make_site(relay: RelayService, clock: IReactorTime) -> server.Site:
     site = server.Site(AdminAPI(relay, clock).app.resource())
     site.requestFactory = AdminRequest
     site.noisy = False

@@ -27,6 +27,8 @@ import base64
 import binascii
 import re
 import time
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred import credentials, error as cred_error
 from twisted.internet import defer, protocol
@@ -828,11 +830,25 @@ def _parse_path(rest, keyword):
     return path, params
 
 
+if TYPE_CHECKING:
+    from twisted.cred.portal import Portal
+    from twisted.internet.interfaces import IReactorTime
+
+    from smtprelay.config import Config
+    from smtprelay.metrics import Metrics
+    from smtprelay.queue import QueueRunner
+    from smtprelay.smtp.auth import Lockout
+    from smtprelay.store.interface import IStore
+    from smtprelay.tls import ServerContextFactory
+
+
 class FrontDoor:
     """What all sessions share: configuration, store, lockout, TLS, the queue."""
 
-    def __init__(self, config, store, clock, portal, lockout, tls_context=None,
-                 runner=None, metrics=None):
+    def __init__(self, config: "Config", store: "IStore", clock: "IReactorTime",
+                 portal: "Portal", lockout: "Lockout",
+                 tls_context: "ServerContextFactory | None" = None,
+                 runner: "QueueRunner | None" = None, metrics: "Metrics | None" = None) -> None:
         self.config = config
         self.store = store
         self.clock = clock
@@ -842,24 +858,35 @@ class FrontDoor:
         self.runner = runner
         self.metrics = metrics
         self.hostname = config.smtp.hostname
-        self.sessions = set()
-        self.per_address = {}
+        self.sessions: set[RelaySMTP] = set()
+        self.per_address: dict[str, int] = {}  # peer host -> sessions open from it
         self.accepting = True
+
+    def apply(self, config: "Config", tls_context: "ServerContextFactory | None",
+              portal: "Portal") -> None:
+        """Serve new sessions with a new configuration, TLS context and cred portal
+        (each built by the caller, where building may fail).  Sessions in progress
+        keep what they started with for their TLS and login; limits read from
+        ``config`` apply to them from their next command."""
+        self.config = config
+        self.hostname = config.smtp.hostname
+        self.tls_context = tls_context
+        self.portal = portal
 
     # -- sessions and stress ----------------------------------------------------
 
     @property
-    def under_stress(self):
+    def under_stress(self) -> bool:
         """Nearly full (80 % of smtp.max_connections): slow clients go first."""
         return len(self.sessions) >= 0.8 * self.config.smtp.max_connections
 
-    def session_timeout(self):
+    def session_timeout(self) -> float:
         smtp = self.config.smtp
         if self.under_stress:
             return min(smtp.idle_timeout, smtp.stress_timeout)
         return smtp.idle_timeout
 
-    def open_session(self, session):
+    def open_session(self, session: "RelaySMTP") -> None:
         was_stressed = self.under_stress
         self.sessions.add(session)
         host = session.peer_host
@@ -870,7 +897,7 @@ class FrontDoor:
             for s in list(self.sessions):
                 s.progress()
 
-    def close_session(self, session):
+    def close_session(self, session: "RelaySMTP") -> None:
         if session in self.sessions:
             self.sessions.discard(session)
             host = session.peer_host
@@ -880,36 +907,38 @@ class FrontDoor:
             else:
                 self.per_address.pop(host, None)
 
-    def wake_queue(self, mailbox):
+    def wake_queue(self, mailbox: str) -> None:
         """A message for ``mailbox`` was queued: the runner may claim it."""
         if self.runner is not None:
             self.runner.queued(mailbox)
 
-    def message_received(self, envelope):
+    def message_received(self, envelope: Envelope) -> None:
         if self.metrics is not None:
             self.metrics.received(envelope)
 
-    def accept_latency(self, seconds):
+    def accept_latency(self, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.accept_latency(seconds)
 
     @defer.inlineCallbacks
-    def deliver_direct(self, envelope):
+    def deliver_direct(self, envelope: Envelope) -> Generator[Any, Any, tuple[int, str, str]]:
         """Direct mode: the reply waits for the provider (bounded by direct_timeout)."""
         from smtprelay.model import Claim
 
         claim = Claim(id=envelope.id, sender=envelope.sender, mailbox=envelope.mailbox,
                       recipients=envelope.recipients, age_from=envelope.received_at,
                       size=envelope.size, attempts=0, mode="direct")
+        if self.runner is None:
+            raise RuntimeError("direct mode without a queue runner")
         transition = yield self.runner.deliver_direct(claim)
         return direct_reply(envelope.id, transition)
 
-    def stop_accepting(self):
+    def stop_accepting(self) -> None:
         self.accepting = False
         for session in list(self.sessions):
             session.shutdown()
 
-    def force_close(self):
+    def force_close(self) -> None:
         for session in list(self.sessions):
             session.force_shutdown()
 
