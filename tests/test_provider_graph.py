@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from smtprelay.model import Result
 from smtprelay.providers.base import OutgoingMessage
-from smtprelay.providers.graph import GraphProvider
+from smtprelay.providers.m365 import GraphProvider
 from tests.fakes.graph import FakeGraph
 from tests.fakes.tlsca import TestCA
 from tests.graph_support import (

@@ -1,4 +1,4 @@
-"""The pure planning of the Microsoft 365 provider (graph_mime) and its credential helpers.
+"""The pure planning of the Microsoft 365 provider (m365.mime) and its credential helpers.
 
 Size arithmetic against the real base64; rule 1 (the envelope decides) as a
 property over arbitrary envelopes and headers; the streaming MIME scanner
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smtprelay.providers import graph_credentials as cred
-from smtprelay.providers import graph_mime as gm
+from smtprelay.providers.m365 import credentials as cred
+from smtprelay.providers.m365 import mime as gm
 from tests.graph_support import MIB, build_message, sized_message
 
 # ---------------------------------------------------------------- sizes

@@ -10,7 +10,7 @@ either an :class:`Answer` (any HTTP status) or :class:`Unanswered` (no
 answer: connection, TLS, timeout), telling whether Graph may have acted on
 it.  A cancellation from outside (the queue giving up, shutdown) stays a
 ``CancelledError``.  What an answer means is for
-:mod:`~smtprelay.providers.graph_errors` to say.
+:mod:`~smtprelay.providers.m365.classify` to say.
 """
 
 import json
@@ -21,7 +21,7 @@ from twisted.internet import defer, error as net_error
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
 
-from smtprelay.providers import graph_errors as errors
+from smtprelay.providers.m365 import classify as errors
 from smtprelay.providers._http import (
     describe_failure,
     handshake_failed,

@@ -13,7 +13,7 @@ call removes it from msal's cache and fetches a new one.
 msal speaks HTTPS through a ``requests.Session`` that trusts the system store
 plus ``ca_file``, whatever ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` say, and
 keeps to ``provider.timeout``.  msal's logger is silenced: answers are
-classified and reported by :mod:`~smtprelay.providers.graph_errors`.
+classified and reported by :mod:`~smtprelay.providers.m365.classify`.
 
 The pure helpers at the end pick the secret's expiry among the app's
 ``passwordCredentials`` and word the warnings an administrator sees.
@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import attr
 from twisted.internet import defer
 
-from smtprelay.providers import graph_errors
+from smtprelay.providers.m365 import classify
 
 KNOWN_AUTHORITY_HOSTS = frozenset({
     "login.microsoftonline.com", "login.microsoft.com", "login.windows.net",
@@ -169,7 +169,7 @@ class GraphTokens:
 
     def _got(self, result):
         if not isinstance(result, dict) or "access_token" not in result:
-            verdict = graph_errors.classify_token(result if isinstance(result, dict) else {})
+            verdict = classify.classify_token(result if isinstance(result, dict) else {})
             if verdict.credential_problem:
                 self.problem = verdict.credential_problem
             raise TokenFailed(verdict)
@@ -187,7 +187,7 @@ class GraphTokens:
         if status is None:
             m = re.search(r"HTTP Error: (\d{3})", str(e))
             status = int(m.group(1)) if m else None
-        verdict = graph_errors.classify_token_exception(type(e).__name__, str(e), status)
+        verdict = classify.classify_token_exception(type(e).__name__, str(e), status)
         raise TokenFailed(verdict)
 
     def close(self):

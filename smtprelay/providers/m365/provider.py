@@ -1,10 +1,10 @@
 """The Microsoft 365 provider: messages sent through Microsoft Graph as the sending mailbox.
 
 One :class:`GraphProvider` per relay holds one msal application
-(:mod:`~smtprelay.providers.graph_credentials`) and one
-:class:`~smtprelay.providers.graph_http.GraphClient` (the treq connection pool
+(:mod:`~smtprelay.providers.m365.credentials`) and one
+:class:`~smtprelay.providers.m365.requests.GraphClient` (the treq connection pool
 and the per-mailbox request slots).  For each message it asks
-:mod:`~smtprelay.providers.graph_mime` (on a thread: it reads the file) for a
+:mod:`~smtprelay.providers.m365.mime` (on a thread: it reads the file) for a
 plan, then runs it:
 
 * **sendMail** (``POST /v1.0/users/{mailbox}/sendMail``, base64 MIME,
@@ -22,7 +22,7 @@ plan, then runs it:
   so a delivery is one request in flight; across deliveries a mailbox never
   has more than ``min(delivery.concurrency, 4)`` requests in flight.
 
-Every answer is classified by :mod:`~smtprelay.providers.graph_errors`:
+Every answer is classified by :mod:`~smtprelay.providers.m365.classify`:
 ``Retry-After`` blocks the whole mailbox (here, and through the outcome in
 the queue), a refused token is renewed once, a 413 moves to the draft form,
 an answer lost after a send was written is ``ambiguous``.  Inside a draft,
@@ -46,9 +46,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from smtprelay.model import Outcome, Result
-from smtprelay.providers import graph_credentials as credentials
-from smtprelay.providers import graph_errors as errors
-from smtprelay.providers import graph_mime as mime
+from smtprelay.providers.m365 import credentials
+from smtprelay.providers.m365 import classify as errors
+from smtprelay.providers.m365 import mime
 from smtprelay.providers._tokens import TokenThreads
 from smtprelay.providers.base import (
     CheckResult,
@@ -57,7 +57,7 @@ from smtprelay.providers.base import (
     ProviderBase,
     Step,
 )
-from smtprelay.providers.graph_http import GraphClient, Unanswered
+from smtprelay.providers.m365.requests import GraphClient, Unanswered
 
 log = Logger()
 
