@@ -1,4 +1,4 @@
-"""Recipient headers reconciled with the envelope (smtprelay/reconcile.py): pure, bytes in/out.
+"""Recipient headers reconciled with the envelope (smtprelay/recipients.py): pure, bytes in/out.
 
 The oracle for "who would Gmail deliver to" is the fake's own reading of a message
 (tests/fakes/gmail_message.py: To, Cc and Bcc through ``getaddresses``), so these
@@ -12,7 +12,7 @@ from email.utils import getaddresses
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from smtprelay import reconcile as rc
+from smtprelay import recipients as rc
 from tests.fakes import gmail_message
 
 

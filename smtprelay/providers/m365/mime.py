@@ -19,7 +19,8 @@ parses the MIME structure once, streaming (:func:`scan`), and keeps
 attachments as offsets into the file, so a 100 MB message is never in memory.
 Nothing here touches the network; the functions that read the file are meant
 to run on a thread.  Rule 1 of ``providers.md`` (the envelope decides who
-receives) is :func:`reconcile`.
+receives) is :func:`smtprelay.recipients.plan_recipients`; here are Graph's
+reading of the headers and its forms of the result (a Bcc header, a PATCH).
 """
 
 import base64
@@ -35,6 +36,13 @@ import mimetypes
 import attr
 
 from smtprelay.message import MAX_HEADER_BLOCK, parse_headers, split_header_block
+from smtprelay.recipients import (
+    Address,
+    HeaderRecipients,
+    RecipientPlan,
+    plan_recipients,
+    read_addresses,
+)
 
 REQUEST_LIMIT = 4 * 1024 * 1024  # a Graph request body, base64 included
 UPLOAD_MIN = 3 * 1024 * 1024  # attachments from this size go through an upload session
@@ -86,49 +94,6 @@ def base64_decoded_size(alphabet_chars):
 # ---------------------------------------------------------------- recipients (rule 1)
 
 
-@attr.frozen
-class Address:
-    address: str
-    name: str = ""
-
-    def resource(self):
-        """A Graph ``recipient``."""
-        email_address = {"address": self.address}
-        if self.name:
-            email_address["name"] = self.name
-        return {"emailAddress": email_address}
-
-
-@attr.frozen
-class HeaderRecipients:
-    to: tuple = ()
-    cc: tuple = ()
-    bcc: tuple = ()
-
-
-@attr.frozen
-class RecipientPlan:
-    """Who receives, and how Graph is told.
-
-    ``explicit``: the headers name someone outside the envelope, so the
-    recipients must be set on a draft (``to``/``cc``/``bcc``) rather than read
-    from the headers.  Otherwise ``add_bcc`` are the envelope recipients the
-    headers do not name, added as a Bcc header (Graph removes it).
-    """
-
-    explicit: bool
-    add_bcc: tuple  # addresses (str)
-    to: tuple  # Address, for the explicit form
-    cc: tuple
-    bcc: tuple
-    dropped: tuple  # header addresses outside the envelope: they receive nothing
-
-    @property
-    def differ(self):
-        """Are the recipients other than the headers' (a draft must then set them)?"""
-        return self.explicit or bool(self.add_bcc)
-
-
 def _decode_words(text):
     if "=?" not in text:
         return text
@@ -151,34 +116,11 @@ def header_recipients(block):
     for name, value in parse_headers(block):
         if name not in found:
             continue
-        for display, address in email.utils.getaddresses([_header_text(value)]):
+        for display, address in read_addresses(_header_text(value)):
             address = address.strip()
             if address:
                 found[name].append(Address(address, _decode_words(display).strip()))
     return HeaderRecipients(tuple(found["to"]), tuple(found["cc"]), tuple(found["bcc"]))
-
-
-def reconcile(envelope, headers):
-    """The :class:`RecipientPlan` that delivers to exactly ``envelope`` (rule 1)."""
-    wanted = {}
-    for address in envelope:
-        wanted.setdefault(address.lower(), address)
-    named, dropped_keys = set(), set()
-    to, cc, bcc, dropped = [], [], [], []
-    for listed, out in ((headers.to, to), (headers.cc, cc), (headers.bcc, bcc)):
-        for a in listed:
-            key = a.address.lower()
-            if key in wanted:
-                if key not in named:
-                    named.add(key)
-                    out.append(Address(a.address, a.name))
-            elif key not in dropped_keys:
-                dropped_keys.add(key)
-                dropped.append(a.address)
-    add_bcc = tuple(a for k, a in wanted.items() if k not in named)
-    bcc.extend(Address(a) for a in add_bcc)
-    return RecipientPlan(explicit=bool(dropped), add_bcc=add_bcc, to=tuple(to), cc=tuple(cc),
-                         bcc=tuple(bcc), dropped=tuple(dropped))
 
 
 def bcc_header(addresses):
@@ -193,10 +135,18 @@ def recipients_patch(rplan):
     """The draft PATCH that sets the recipients of ``rplan`` (visible ones as the headers
     name them, everyone else in Bcc)."""
     return {
-        "toRecipients": [a.resource() for a in rplan.to],
-        "ccRecipients": [a.resource() for a in rplan.cc],
-        "bccRecipients": [a.resource() for a in rplan.bcc],
+        "toRecipients": [recipient_resource(a) for a in rplan.to],
+        "ccRecipients": [recipient_resource(a) for a in rplan.cc],
+        "bccRecipients": [recipient_resource(a) for a in rplan.bcc],
     }
+
+
+def recipient_resource(address):
+    """A Graph ``recipient``."""
+    email_address = {"address": address.address}
+    if address.name:
+        email_address["name"] = address.name
+    return {"emailAddress": email_address}
 
 
 # PidTagDeleteAfterSubmit: the sent draft is not kept in Sent Items
@@ -667,7 +617,7 @@ def prepare(f, envelope, save_to_sent_items=True, limit=REQUEST_LIMIT, move_all=
     head = f.read(min(size, MAX_HEADER_BLOCK))
     end = split_header_block(head)
     block = head if end is None else head[:end]
-    rplan = reconcile(envelope, header_recipients(block))
+    rplan = plan_recipients(envelope, header_recipients(block))
     bcc = bcc_header(rplan.add_bcc)
     reasons = []
     if not save_to_sent_items:
