@@ -316,7 +316,7 @@ def test_attachment_names():
 
 # ---------------------------------------------------------------- credentials (pure)
 
-NOW = datetime.datetime(2027, 1, 10, 12, 0, tzinfo=datetime.timezone.utc)
+NOW = datetime.datetime(2027, 1, 10, 12, 0, tzinfo=datetime.UTC)
 
 
 def secret(end, hint):
@@ -343,7 +343,7 @@ def test_several_secrets_without_a_matching_hint_give_the_latest_valid():
 
 def test_graph_dates():
     assert cred.parse_graph_date("2027-06-30T10:00:00.1234567Z") == datetime.datetime(
-        2027, 6, 30, 10, 0, tzinfo=datetime.timezone.utc)
+        2027, 6, 30, 10, 0, tzinfo=datetime.UTC)
     assert cred.parse_graph_date("2027-06-30T10:00:00+02:00").hour == 10
     assert cred.parse_graph_date("2027-06-30") is None
     assert cred.parse_graph_date(None) is None

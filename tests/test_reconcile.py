@@ -274,7 +274,7 @@ def test_exactly_the_envelope_receives(generated, extra, data):
     assert rc.reconcile(result.block, envelope).block == result.block
     # what recipients see is only ever less than before, never rewritten: every kept
     # To/Cc field is the original with some addresses cut
-    for name, raw in rc.split_fields(result.block)[0]:
+    for _name, raw in rc.split_fields(result.block)[0]:
         assert b"\n \r\n" not in raw and b"\n\t\r\n" not in raw
 
 
