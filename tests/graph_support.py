@@ -73,7 +73,7 @@ def self_signed_certificate(directory, days=365):
     """(certificate path, key path, PEM of the certificate) of a new RSA certificate."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smtprelay m365 test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

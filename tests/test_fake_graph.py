@@ -192,7 +192,7 @@ def assert_graph_error(response, status, code, inner=True):
 def self_signed_certificate(days=30):
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smtprelay test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -562,7 +562,7 @@ def test_applications_and_users_need_their_permissions(graph):
     [credential] = document["passwordCredentials"]
     assert credential["hint"] == SECRET[:3] and credential["keyId"]
     assert datetime.datetime.fromisoformat(credential["endDateTime"]) > datetime.datetime.now(
-        datetime.timezone.utc
+        datetime.UTC
     )
     assert set(document) == {"@odata.context", "passwordCredentials"}
     user = graph.request("GET", f"/v1.0/users/{MAILBOX}", headers=bearer(access_token)).json()
@@ -926,7 +926,7 @@ class InProcessTests(unittest.TestCase):
         responses = yield defer.gatherResults([self.send(access_token) for _ in range(6)])
         codes = sorted(r.code for r in responses)
         self.assertEqual(codes, [202, 202, 202, 202, 429, 429])
-        throttled = [r for r in responses if r.code == 429][0]
+        throttled = next(r for r in responses if r.code == 429)
         self.assertEqual(throttled.headers.getRawHeaders(b"Retry-After"), [b"1"])
         body = yield throttled.json()
         self.assertEqual(

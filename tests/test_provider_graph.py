@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from smtprelay.model import Result
 from smtprelay.providers.base import OutgoingMessage
-from smtprelay.providers.graph import GraphProvider
+from smtprelay.providers.m365 import GraphProvider
 from tests.fakes.graph import FakeGraph
 from tests.fakes.tlsca import TestCA
 from tests.graph_support import (
@@ -563,7 +563,7 @@ class CredentialTests(GraphProviderTestBase):
                           request["assertion"]["thumbprint"]),
                          ("client_assertion", "PS256", "x5t#S256"))
         status = provider.credential_status()
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.assertEqual((status.source, status.expires),
                          ("certificate", (now + datetime.timedelta(days=20)).date()))
         self.assertEqual(provider.warnings(),
@@ -578,7 +578,7 @@ class CredentialTests(GraphProviderTestBase):
         self.assertIn("AADSTS700027", outcome.detail)
 
     def test_configured_expiry_warnings(self):
-        today = datetime.datetime.now(datetime.timezone.utc).date()
+        today = datetime.datetime.now(datetime.UTC).date()
         soon = today + datetime.timedelta(days=12)
         provider = self.make_provider(expires=soon, warning_days=30)
         self.assertEqual(provider.warnings(),
@@ -602,7 +602,7 @@ class CredentialTests(GraphProviderTestBase):
 
     @defer.inlineCallbacks
     def test_the_expiry_is_read_from_graph_where_permitted(self):
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         ours = (now + datetime.timedelta(days=10)).replace(microsecond=0)
         theirs = (now + datetime.timedelta(days=300)).replace(microsecond=0)
         self.fake.update_app(CLIENT, permissions=list(ALL_PERMISSIONS) + ["Application.Read.All"],

@@ -307,7 +307,7 @@ def test_concurrency_never_exceeds_the_configured_limit(graph, m365_relay):
 
 @pytest.mark.parametrize("days,warned", [(10, True), (45, False)])
 def test_secret_expiry_warnings_in_the_log(graph, m365_relay, days, warned):
-    when = (datetime.datetime.now(datetime.timezone.utc).date()
+    when = (datetime.datetime.now(datetime.UTC).date()
             + datetime.timedelta(days=days))
     relay = m365_relay(graph, provider={"client_secret_expires": when.isoformat()},
                        config={"monitoring": {"secret_warning_days": 30}})

@@ -1,4 +1,4 @@
-"""The classification of every Graph and Entra answer (smtprelay.providers.graph_errors).
+"""The classification of every Graph and Entra answer (smtprelay.providers.m365.classify).
 
 The table of ``providers.md`` row by row, then properties over every status
 code and arbitrary texts: nothing raises, a detail is one line with the
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtprelay.providers import graph_errors as e
-from smtprelay.providers.graph_errors import PERMANENT, REFRESH, TEMPORARY, TOO_LARGE
+from smtprelay.providers.m365 import classify as e
+from smtprelay.providers.m365.classify import PERMANENT, REFRESH, TEMPORARY, TOO_LARGE
 
 NOW = 1_800_000_000.0
 

@@ -1,4 +1,4 @@
-"""The pure planning of the Microsoft 365 provider (graph_mime) and its credential helpers.
+"""The pure planning of the Microsoft 365 provider (m365.mime) and its credential helpers.
 
 Size arithmetic against the real base64; rule 1 (the envelope decides) as a
 property over arbitrary envelopes and headers; the streaming MIME scanner
@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smtprelay.providers import graph_credentials as cred
-from smtprelay.providers import graph_mime as gm
+from smtprelay import recipients as rcp
+from smtprelay.providers.m365 import credentials as cred
+from smtprelay.providers.m365 import mime as gm
 from tests.graph_support import MIB, build_message, sized_message
 
 # ---------------------------------------------------------------- sizes
@@ -62,10 +63,10 @@ def cased(address, upper):
        to=st.lists(ADDRESSES, max_size=4), cc=st.lists(ADDRESSES, max_size=3),
        bcc=st.lists(ADDRESSES, max_size=3), upper=st.booleans())
 def test_the_envelope_decides_who_receives(envelope, to, cc, bcc, upper):
-    headers = gm.HeaderRecipients(tuple(gm.Address(cased(a, upper)) for a in to),
-                                  tuple(gm.Address(a) for a in cc),
-                                  tuple(gm.Address(a) for a in bcc))
-    plan = gm.reconcile(envelope, headers)
+    headers = rcp.HeaderRecipients(tuple(rcp.Address(cased(a, upper)) for a in to),
+                                   tuple(rcp.Address(a) for a in cc),
+                                   tuple(rcp.Address(a) for a in bcc))
+    plan = rcp.plan_recipients(envelope, headers)
     wanted = {a.lower() for a in envelope}
     named = {a.address.lower() for a in headers.to + headers.cc + headers.bcc}
     # the explicit form delivers to exactly the envelope, each once
@@ -95,8 +96,8 @@ def test_header_recipients_as_graph_reads_them():
 
 
 def test_recipient_resources():
-    plan = gm.reconcile(["a@x.com", "B@x.com"], gm.HeaderRecipients(
-        (gm.Address("a@x.com", "Ann"), gm.Address("c@x.com")), (), ()))
+    plan = rcp.plan_recipients(["a@x.com", "B@x.com"], rcp.HeaderRecipients(
+        (rcp.Address("a@x.com", "Ann"), rcp.Address("c@x.com")), (), ()))
     assert gm.recipients_patch(plan) == {
         "toRecipients": [{"emailAddress": {"address": "a@x.com", "name": "Ann"}}],
         "ccRecipients": [],
@@ -315,7 +316,7 @@ def test_attachment_names():
 
 # ---------------------------------------------------------------- credentials (pure)
 
-NOW = datetime.datetime(2027, 1, 10, 12, 0, tzinfo=datetime.timezone.utc)
+NOW = datetime.datetime(2027, 1, 10, 12, 0, tzinfo=datetime.UTC)
 
 
 def secret(end, hint):
@@ -342,7 +343,7 @@ def test_several_secrets_without_a_matching_hint_give_the_latest_valid():
 
 def test_graph_dates():
     assert cred.parse_graph_date("2027-06-30T10:00:00.1234567Z") == datetime.datetime(
-        2027, 6, 30, 10, 0, tzinfo=datetime.timezone.utc)
+        2027, 6, 30, 10, 0, tzinfo=datetime.UTC)
     assert cred.parse_graph_date("2027-06-30T10:00:00+02:00").hour == 10
     assert cred.parse_graph_date("2027-06-30") is None
     assert cred.parse_graph_date(None) is None

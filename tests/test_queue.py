@@ -388,7 +388,7 @@ class ApplyTests(QueueHarness):
             d.callback(Outcome.sent("ok"))
         yield self.settle()
         stats = yield self.store.stats(self.clock.seconds())
-        self.assertEqual(stats["sent"], 4)
+        self.assertEqual(stats.sent, 4)
 
     @defer.inlineCallbacks
     def test_apply_with_a_smaller_concurrency_lets_no_new_call_in_until_enough_ended(self):

@@ -1,4 +1,4 @@
-"""Recipient headers reconciled with the envelope (smtprelay/reconcile.py): pure, bytes in/out.
+"""Recipient headers reconciled with the envelope (smtprelay/recipients.py): pure, bytes in/out.
 
 The oracle for "who would Gmail deliver to" is the fake's own reading of a message
 (tests/fakes/gmail_message.py: To, Cc and Bcc through ``getaddresses``), so these
@@ -12,7 +12,7 @@ from email.utils import getaddresses
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from smtprelay import reconcile as rc
+from smtprelay import recipients as rc
 from tests.fakes import gmail_message
 
 
@@ -274,7 +274,7 @@ def test_exactly_the_envelope_receives(generated, extra, data):
     assert rc.reconcile(result.block, envelope).block == result.block
     # what recipients see is only ever less than before, never rewritten: every kept
     # To/Cc field is the original with some addresses cut
-    for name, raw in rc.split_fields(result.block)[0]:
+    for _name, raw in rc.split_fields(result.block)[0]:
         assert b"\n \r\n" not in raw and b"\n\t\r\n" not in raw
 
 

@@ -13,7 +13,7 @@ def make_provider(config, reactor):
 
         return SMTPProvider(config, reactor)
     if p.type == "m365":
-        from smtprelay.providers.graph import GraphProvider
+        from smtprelay.providers.m365 import GraphProvider
 
         return GraphProvider(config, reactor)
     if p.type == "gmail":

@@ -13,22 +13,33 @@ call removes it from msal's cache and fetches a new one.
 msal speaks HTTPS through a ``requests.Session`` that trusts the system store
 plus ``ca_file``, whatever ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` say, and
 keeps to ``provider.timeout``.  msal's logger is silenced: answers are
-classified and reported by :mod:`~smtprelay.providers.graph_errors`.
+classified and reported by :mod:`~smtprelay.providers.m365.classify`.
 
 The pure helpers at the end pick the secret's expiry among the app's
 ``passwordCredentials`` and word the warnings an administrator sees.
 """
 
+from __future__ import annotations
+
 import datetime
 import logging
 import re
 import ssl
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 import attr
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
-from smtprelay.providers import graph_errors
+from smtprelay.providers.m365 import classify
+
+if TYPE_CHECKING:
+    from smtprelay.config import M365Provider
+    from smtprelay.providers._tokens import TokenThreads
 
 KNOWN_AUTHORITY_HOSTS = frozenset({
     "login.microsoftonline.com", "login.microsoft.com", "login.windows.net",
@@ -42,17 +53,17 @@ _LOCK = "m365-token"
 class TokenFailed(Exception):
     """No token: ``verdict`` (always temporary) says why."""
 
-    def __init__(self, verdict):
+    def __init__(self, verdict: classify.Verdict) -> None:
         super().__init__(verdict.detail)
         self.verdict = verdict
 
 
-def quiet_msal():
+def quiet_msal() -> None:
     """msal logs token responses on errors; the relay reports them itself."""
     logging.getLogger("msal").setLevel(logging.CRITICAL)
 
 
-def _session(ca_file, timeout):
+def _session(ca_file: str, timeout: float) -> Any:
     """A requests.Session trusting the system store plus ``ca_file``, with a timeout."""
     import requests
     from requests.adapters import HTTPAdapter
@@ -62,18 +73,20 @@ def _session(ca_file, timeout):
         context.load_verify_locations(ca_file)
 
     class Adapter(HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> Any:
             kwargs["ssl_context"] = context
             return super().init_poolmanager(*args, **kwargs)
 
     class Session(requests.Session):
-        def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
+                                       cert: Any) -> Any:
             settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
             # REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE must not replace our trust
             settings["verify"] = True
             return settings
 
-        def request(self, method, url, **kwargs):
+        # only the timeout's default differs: the rest of the signature is requests'
+        def request(self, method: str, url: str, **kwargs: Any) -> Any:  # type: ignore[override]
             kwargs.setdefault("timeout", timeout)
             return super().request(method, url, **kwargs)
 
@@ -84,7 +97,7 @@ def _session(ca_file, timeout):
     return session
 
 
-def _read(path):
+def _read(path: str) -> str:
     with open(path, encoding="ascii") as f:
         return f.read()
 
@@ -92,7 +105,8 @@ def _read(path):
 class GraphTokens:
     """Tokens for ``{graph_endpoint}/.default`` with the provider's credential."""
 
-    def __init__(self, reactor, provider, threads):
+    def __init__(self, reactor: IReactorTime, provider: M365Provider,
+                 threads: TokenThreads) -> None:
         self._reactor = reactor
         self._provider = provider
         self._threads = threads
@@ -100,15 +114,16 @@ class GraphTokens:
         self.scope = f"{provider.graph_endpoint.rstrip('/')}/.default"
         host = (urlsplit(provider.authority).hostname or "").lower()
         self.instance_discovery = host in KNOWN_AUTHORITY_HOSTS
-        self._app = None
-        self._session = None
-        self._token = None  # (value, good until: reactor seconds)
-        self._stale = None  # a token Graph refused: drop it from msal's cache
-        self.problem = None  # what is wrong with the credential (None once a token came)
+        self._app: Any = None  # msal.ConfidentialClientApplication, on the token thread
+        self._session: Any = None  # its requests.Session
+        self._token: tuple[str, float] | None = None  # (value, good until: reactor seconds)
+        self._stale: str | None = None  # a token Graph refused: drop it from msal's cache
+        # what is wrong with the credential (None once a token came)
+        self.problem: str | None = None
 
     # -- on the token thread -------------------------------------------------------
 
-    def _build(self):
+    def _build(self) -> tuple[Any, Any]:
         import msal
 
         p = self._provider
@@ -119,7 +134,7 @@ class GraphTokens:
             credential = {"private_key": _read(p.certificate_key),
                           "public_certificate": _read(p.certificate)}
         session = _session(p.ca_file, p.timeout)
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if not self.instance_discovery:
             kwargs["instance_discovery"] = False
         try:
@@ -131,7 +146,7 @@ class GraphTokens:
             raise
         return app, session
 
-    def _acquire(self, drop):
+    def _acquire(self, drop: bool) -> Any:
         if self._app is None:
             self._app, self._session = self._build()
         if drop:
@@ -140,25 +155,25 @@ class GraphTokens:
 
     # -- on the reactor ----------------------------------------------------------------
 
-    def cached(self):
+    def cached(self) -> str | None:
         if self._token is not None and self._reactor.seconds() < self._token[1]:
             return self._token[0]
         return None
 
-    def token(self):
+    def token(self) -> Deferred[str]:
         """Deferred[str] of a valid access token, or failing with :class:`TokenFailed`."""
         value = self.cached()
         if value is not None and value != self._stale:
             return defer.succeed(value)
         return self._threads.lock(_LOCK).run(self._locked)
 
-    def refused(self, value):
+    def refused(self, value: str | None) -> None:
         """Graph answered 401 to ``value``: the next token() fetches a new one."""
         if self._token is not None and self._token[0] == value:
             self._stale = value
             self._token = None
 
-    def _locked(self):
+    def _locked(self) -> str | Deferred[str]:
         value = self.cached()
         if value is not None:  # fetched while we waited for the lock
             return value
@@ -167,9 +182,9 @@ class GraphTokens:
         d.addCallbacks(self._got, self._raised)
         return d
 
-    def _got(self, result):
+    def _got(self, result: Any) -> str:
         if not isinstance(result, dict) or "access_token" not in result:
-            verdict = graph_errors.classify_token(result if isinstance(result, dict) else {})
+            verdict = classify.classify_token(result if isinstance(result, dict) else {})
             if verdict.credential_problem:
                 self.problem = verdict.credential_problem
             raise TokenFailed(verdict)
@@ -180,18 +195,18 @@ class GraphTokens:
         self.problem = None
         return result["access_token"]
 
-    def _raised(self, failure):
+    def _raised(self, failure: Failure) -> NoReturn:
         failure.trap(Exception)
         e = failure.value
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status is None:
             m = re.search(r"HTTP Error: (\d{3})", str(e))
             status = int(m.group(1)) if m else None
-        verdict = graph_errors.classify_token_exception(type(e).__name__, str(e), status)
+        verdict = classify.classify_token_exception(type(e).__name__, str(e), status)
         raise TokenFailed(verdict)
 
-    def close(self):
-        """Close msal's connections (on the token thread); a Deferred."""
+    def close(self) -> Deferred[None]:
+        """Close msal's connections (on the token thread)."""
         session, self._session, self._app = self._session, None, None
         if session is None:
             return defer.succeed(None)
@@ -208,7 +223,7 @@ class Expiry:
     kind: str  # "client secret" | "certificate"
 
 
-def parse_graph_date(text):
+def parse_graph_date(text: object) -> datetime.datetime | None:
     """A Graph ``endDateTime`` (``2027-06-30T10:00:00Z``, 7 fractional digits) -> datetime."""
     if not isinstance(text, str):
         return None
@@ -223,7 +238,8 @@ def parse_graph_date(text):
         return None
 
 
-def pick_secret_expiry(credentials, secret, now):
+def pick_secret_expiry(credentials: Iterable[Any] | None, secret: str | None,
+                       now: datetime.datetime) -> datetime.date | None:
     """The end date of the secret the relay uses, among an app's ``passwordCredentials``.
 
     Graph reports each secret's first three characters as ``hint``: the ones
@@ -247,7 +263,8 @@ def pick_secret_expiry(credentials, secret, now):
     return max(live)[0].date()
 
 
-def expiry_warnings(expiry, today, warning_days):
+def expiry_warnings(expiry: Expiry | None, today: datetime.date,
+                    warning_days: int) -> list[str]:
     """What an administrator must be told about ``expiry`` today ([] when nothing)."""
     if expiry is None or expiry.date is None:
         return []
@@ -264,7 +281,7 @@ def expiry_warnings(expiry, today, warning_days):
     return []
 
 
-def expired_note(expiry, today):
+def expired_note(expiry: Expiry | None, today: datetime.date) -> str | None:
     """The words added to every failure once the credential has expired, or None."""
     if expiry is None or expiry.date is None or expiry.date >= today:
         return None

@@ -19,8 +19,11 @@ parses the MIME structure once, streaming (:func:`scan`), and keeps
 attachments as offsets into the file, so a 100 MB message is never in memory.
 Nothing here touches the network; the functions that read the file are meant
 to run on a thread.  Rule 1 of ``providers.md`` (the envelope decides who
-receives) is :func:`reconcile`.
+receives) is :func:`smtprelay.recipients.plan_recipients`; here are Graph's
+reading of the headers and its forms of the result (a Bcc header, a PATCH).
 """
+
+from __future__ import annotations
 
 import base64
 import binascii
@@ -31,10 +34,19 @@ import email.policy
 import email.utils
 import json
 import mimetypes
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from typing import IO, Any
 
 import attr
 
 from smtprelay.message import MAX_HEADER_BLOCK, parse_headers, split_header_block
+from smtprelay.recipients import (
+    Address,
+    HeaderRecipients,
+    RecipientPlan,
+    plan_recipients,
+    read_addresses,
+)
 
 REQUEST_LIMIT = 4 * 1024 * 1024  # a Graph request body, base64 included
 UPLOAD_MIN = 3 * 1024 * 1024  # attachments from this size go through an upload session
@@ -51,11 +63,16 @@ _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789
 _NOT_B64 = bytes(sorted(set(range(256)) - set(_B64_ALPHABET)))
 _BODY_TYPES = ("text/plain", "text/html")
 
+# the message file: binary, seekable
+File = IO[bytes]
+# a piece of the MIME to send: a (start, end) range of the file, or bytes of our own
+Segment = bytes | tuple[int, int]
+
 
 class Unsendable(Exception):
     """Graph cannot take this message by any method (a permanent failure)."""
 
-    def __init__(self, detail):
+    def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
 
@@ -63,22 +80,22 @@ class Unsendable(Exception):
 # ---------------------------------------------------------------- sizes
 
 
-def base64_size(n):
+def base64_size(n: int) -> int:
     """Length of the padded base64 of ``n`` bytes (no line breaks)."""
     return 4 * ((n + 2) // 3)
 
 
-def largest_fitting(limit=REQUEST_LIMIT):
+def largest_fitting(limit: int = REQUEST_LIMIT) -> int:
     """The most bytes whose base64 fits in ``limit``."""
     return (limit // 4) * 3
 
 
-def fits(n, limit=REQUEST_LIMIT):
+def fits(n: int, limit: int = REQUEST_LIMIT) -> bool:
     """Does a message of ``n`` bytes go in one sendMail request?"""
     return base64_size(n) <= limit
 
 
-def base64_decoded_size(alphabet_chars):
+def base64_decoded_size(alphabet_chars: int) -> int:
     """Bytes decoded from ``alphabet_chars`` base64 characters (padding not counted)."""
     return alphabet_chars * 3 // 4
 
@@ -86,50 +103,7 @@ def base64_decoded_size(alphabet_chars):
 # ---------------------------------------------------------------- recipients (rule 1)
 
 
-@attr.frozen
-class Address:
-    address: str
-    name: str = ""
-
-    def resource(self):
-        """A Graph ``recipient``."""
-        email_address = {"address": self.address}
-        if self.name:
-            email_address["name"] = self.name
-        return {"emailAddress": email_address}
-
-
-@attr.frozen
-class HeaderRecipients:
-    to: tuple = ()
-    cc: tuple = ()
-    bcc: tuple = ()
-
-
-@attr.frozen
-class RecipientPlan:
-    """Who receives, and how Graph is told.
-
-    ``explicit``: the headers name someone outside the envelope, so the
-    recipients must be set on a draft (``to``/``cc``/``bcc``) rather than read
-    from the headers.  Otherwise ``add_bcc`` are the envelope recipients the
-    headers do not name, added as a Bcc header (Graph removes it).
-    """
-
-    explicit: bool
-    add_bcc: tuple  # addresses (str)
-    to: tuple  # Address, for the explicit form
-    cc: tuple
-    bcc: tuple
-    dropped: tuple  # header addresses outside the envelope: they receive nothing
-
-    @property
-    def differ(self):
-        """Are the recipients other than the headers' (a draft must then set them)?"""
-        return self.explicit or bool(self.add_bcc)
-
-
-def _decode_words(text):
+def _decode_words(text: str) -> str:
     if "=?" not in text:
         return text
     try:
@@ -138,50 +112,27 @@ def _decode_words(text):
         return text
 
 
-def _header_text(value):
+def _header_text(value: bytes) -> str:
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         return value.decode("latin-1")
 
 
-def header_recipients(block):
+def header_recipients(block: bytes) -> HeaderRecipients:
     """The To, Cc and Bcc addresses of a header block, as Graph reads them."""
-    found = {"to": [], "cc": [], "bcc": []}
+    found: dict[str, list[Address]] = {"to": [], "cc": [], "bcc": []}
     for name, value in parse_headers(block):
         if name not in found:
             continue
-        for display, address in email.utils.getaddresses([_header_text(value)]):
+        for display, address in read_addresses(_header_text(value)):
             address = address.strip()
             if address:
                 found[name].append(Address(address, _decode_words(display).strip()))
     return HeaderRecipients(tuple(found["to"]), tuple(found["cc"]), tuple(found["bcc"]))
 
 
-def reconcile(envelope, headers):
-    """The :class:`RecipientPlan` that delivers to exactly ``envelope`` (rule 1)."""
-    wanted = {}
-    for address in envelope:
-        wanted.setdefault(address.lower(), address)
-    named, dropped_keys = set(), set()
-    to, cc, bcc, dropped = [], [], [], []
-    for listed, out in ((headers.to, to), (headers.cc, cc), (headers.bcc, bcc)):
-        for a in listed:
-            key = a.address.lower()
-            if key in wanted:
-                if key not in named:
-                    named.add(key)
-                    out.append(Address(a.address, a.name))
-            elif key not in dropped_keys:
-                dropped_keys.add(key)
-                dropped.append(a.address)
-    add_bcc = tuple(a for k, a in wanted.items() if k not in named)
-    bcc.extend(Address(a) for a in add_bcc)
-    return RecipientPlan(explicit=bool(dropped), add_bcc=add_bcc, to=tuple(to), cc=tuple(cc),
-                         bcc=tuple(bcc), dropped=tuple(dropped))
-
-
-def bcc_header(addresses):
+def bcc_header(addresses: Sequence[str]) -> bytes:
     """A ``Bcc:`` header naming ``addresses`` (one per folded line), or b""."""
     if not addresses:
         return b""
@@ -189,14 +140,22 @@ def bcc_header(addresses):
     return b"Bcc: " + b",\r\n ".join(clean) + b"\r\n"
 
 
-def recipients_patch(rplan):
+def recipients_patch(rplan: RecipientPlan) -> dict[str, list[dict[str, Any]]]:
     """The draft PATCH that sets the recipients of ``rplan`` (visible ones as the headers
     name them, everyone else in Bcc)."""
     return {
-        "toRecipients": [a.resource() for a in rplan.to],
-        "ccRecipients": [a.resource() for a in rplan.cc],
-        "bccRecipients": [a.resource() for a in rplan.bcc],
+        "toRecipients": [recipient_resource(a) for a in rplan.to],
+        "ccRecipients": [recipient_resource(a) for a in rplan.cc],
+        "bccRecipients": [recipient_resource(a) for a in rplan.bcc],
     }
+
+
+def recipient_resource(address: Address) -> dict[str, Any]:
+    """A Graph ``recipient``."""
+    email_address = {"address": address.address}
+    if address.name:
+        email_address["name"] = address.name
+    return {"emailAddress": email_address}
 
 
 # PidTagDeleteAfterSubmit: the sent draft is not kept in Sent Items
@@ -214,7 +173,8 @@ class Part:
     start: int  # its first header byte
     body_start: int
     body_end: int = 0  # exclusive; the CRLF before the next delimiter is not the body's
-    cut: tuple | None = None  # (start, end): the bytes that take it out of its multipart
+    cut: tuple[int, int] | None = None  # (start, end): the bytes that take it out of its
+    # multipart
     content_type: str = "text/plain"
     boundary: bytes | None = None  # for a multipart
     disposition: str | None = None
@@ -224,20 +184,20 @@ class Part:
     b64_chars: int | None = None  # base64 alphabet characters in the body (base64 only)
     decoded_size: int | None = None
     parent: int | None = None
-    children: list = attr.field(factory=list)
+    children: list[int] = attr.field(factory=list)
 
     @property
-    def multipart(self):
+    def multipart(self) -> bool:
         return self.boundary is not None
 
     @property
-    def body_like(self):
+    def body_like(self) -> bool:
         """Text the draft keeps in its MIME (the message body, not an attachment)."""
         return (self.content_type in _BODY_TYPES and self.disposition != "attachment"
                 and not self.filename)
 
     @property
-    def is_inline(self):
+    def is_inline(self) -> bool:
         # as Exchange reads a MIME part (the fake mirrors it)
         return self.disposition == "inline" or (self.disposition is None
                                                 and bool(self.content_id))
@@ -252,7 +212,7 @@ class _Delimiter:
     close: bool
 
 
-def _match_boundary(line, boundaries):
+def _match_boundary(line: bytes, boundaries: Sequence[bytes]) -> tuple[bytes, bool] | None:
     """(boundary, close) if ``line`` (after its leading "--") is a delimiter line."""
     for b in boundaries:
         if line.startswith(b):
@@ -265,11 +225,12 @@ def _match_boundary(line, boundaries):
     return None
 
 
-def _count_b64(data):
+def _count_b64(data: bytes | bytearray) -> int:
     return len(data.translate(None, _NOT_B64))
 
 
-def _next_delimiter(f, start, boundaries, count=False):
+def _next_delimiter(f: File, start: int, boundaries: Sequence[bytes],
+                    count: bool = False) -> tuple[_Delimiter | None, int]:
     """The first delimiter line of ``boundaries`` at or after ``start`` (a line start).
 
     Returns ``(delimiter or None at end of file, base64 characters before it)``.
@@ -319,7 +280,8 @@ def _next_delimiter(f, start, boundaries, count=False):
             eof = True
 
 
-def _read_part_headers(f, start, end, boundaries):
+def _read_part_headers(f: File, start: int, end: int,
+                       boundaries: Sequence[bytes]) -> tuple[bytes, int, _Delimiter | None]:
     """(header block, body start, delimiter met inside the headers or None)."""
     f.seek(start)
     data = b""
@@ -353,7 +315,7 @@ def _read_part_headers(f, start, end, boundaries):
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
 
-def _describe(part, block):
+def _describe(part: Part, block: bytes) -> None:
     msg = _HEADER_PARSER.parsebytes(block)
     part.content_type = msg.get_content_type()
     if part.content_type.startswith("multipart/"):
@@ -376,17 +338,18 @@ def _describe(part, block):
     part.encoding = str(encoding).strip().lower() if encoding else "7bit"
 
 
-def scan(f, size=None):
+def scan(f: File, size: int | None = None) -> list[Part]:
     """The MIME tree of the message in the binary file ``f``: a list of :class:`Part`,
     the message itself first, in document order.  Reads the file once."""
     if size is None:
         size = f.seek(0, 2)
-    parts = []
+    parts: list[Part] = []
     _entity(f, 0, size, (), None, parts, 0)
     return parts
 
 
-def _entity(f, start, end, boundaries, parent, parts, depth):
+def _entity(f: File, start: int, end: int, boundaries: tuple[bytes, ...], parent: int | None,
+            parts: list[Part], depth: int) -> _Delimiter | None:
     """Parse the entity at ``start``; return the delimiter that ends it (None: end of file)."""
     block, body_start, early = _read_part_headers(f, start, end, boundaries)
     part = Part(index=len(parts), start=start, body_start=body_start, parent=parent)
@@ -396,8 +359,9 @@ def _entity(f, start, end, boundaries, parent, parts, depth):
         part.body_end = body_start
         part.boundary = None
         return early
-    if part.multipart and depth < MAX_DEPTH:
-        inner = (part.boundary,) + tuple(boundaries)
+    boundary = part.boundary
+    if boundary is not None and depth < MAX_DEPTH:  # a multipart we follow
+        inner = (boundary,) + tuple(boundaries)
         delimiter, _ = _next_delimiter(f, body_start, inner)
         while (delimiter is not None and delimiter.boundary == part.boundary
                and not delimiter.close):
@@ -444,7 +408,7 @@ class MovedAttachment:
     size: int  # decoded bytes
     upload: bool  # True: an upload session; False: one POST .../attachments
 
-    def item(self):
+    def item(self) -> dict[str, Any]:
         """The ``AttachmentItem`` of createUploadSession."""
         out = {"attachmentType": "file", "name": self.name, "size": self.size,
                "contentType": self.content_type, "isInline": self.is_inline}
@@ -452,7 +416,7 @@ class MovedAttachment:
             out["contentId"] = self.content_id
         return out
 
-    def resource(self, content_b64=""):
+    def resource(self, content_b64: str = "") -> dict[str, Any]:
         """The ``fileAttachment`` of POST .../attachments."""
         out = {"@odata.type": FILE_ATTACHMENT, "name": self.name,
                "contentType": self.content_type, "isInline": self.is_inline}
@@ -461,7 +425,7 @@ class MovedAttachment:
         out["contentBytes"] = content_b64
         return out
 
-    def json_size(self):
+    def json_size(self) -> int:
         """The exact length of the POST body for it."""
         return len(json.dumps(self.resource()).encode("utf-8")) + base64_size(self.size)
 
@@ -469,15 +433,16 @@ class MovedAttachment:
 @attr.frozen
 class Plan:
     form: str  # "mime" (sendMail) | "draft"
-    segments: tuple  # the MIME to send: (start, end) ranges of the file, and bytes
+    segments: tuple[Segment, ...]  # the MIME to send
     mime_size: int
     recipients: RecipientPlan
-    attachments: tuple = ()  # MovedAttachment
-    reasons: tuple = ()  # why a draft: "size", "recipients", "sent_items"
-    parts: tuple = attr.field(default=(), eq=False, repr=False)  # scanned, for attachments
+    attachments: tuple[MovedAttachment, ...] = ()
+    reasons: tuple[str, ...] = ()  # why a draft: "size", "recipients", "sent_items"
+    # scanned, for attachments
+    parts: tuple[Part, ...] = attr.field(default=(), eq=False, repr=False)
 
 
-def attachment_name(part):
+def attachment_name(part: Part) -> str:
     if part.filename:
         return part.filename
     if part.content_type == "message/rfc822":
@@ -487,26 +452,31 @@ def attachment_name(part):
     return f"{stem}{extension}"
 
 
-def moved(part, upload):
+def moved(part: Part, upload: bool) -> MovedAttachment:
+    if part.decoded_size is None:
+        raise ValueError(f"part {part.index}: decoded size unknown (call measure())")
     return MovedAttachment(part.index, attachment_name(part), part.content_type,
                            part.is_inline, part.content_id, part.decoded_size, upload)
 
 
-def _placeholder(boundary):
+def _placeholder(boundary: bytes) -> bytes:
     return (b"--" + boundary + b"\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n\r\n")
 
 
-def skeleton_segments(parts, size, removed):
+def skeleton_segments(parts: Sequence[Part], size: int,
+                      removed: Iterable[int]) -> tuple[Segment, ...]:
     """The segments of the message less the ``removed`` parts (indices); an emptied
     multipart gets an empty text part (a multipart must have one)."""
     removed = set(removed)
-    cuts = sorted((parts[i].cut, i) for i in removed)
+    cuts = sorted((_cut(parts[i]), i) for i in removed)
     placeholders = {}
     for p in parts:
-        if p.multipart and p.children and all(c in removed for c in p.children):
-            first = parts[p.children[0]].cut[0]
+        if (p.boundary is not None and p.children
+                and all(c in removed for c in p.children)):
+            first = _cut(parts[p.children[0]])[0]
             placeholders[first] = _placeholder(p.boundary)
-    segments, pos = [], 0
+    segments: list[Segment] = []
+    pos = 0
     for (start, end), _ in cuts:
         if start > pos:
             segments.append((pos, start))
@@ -518,11 +488,17 @@ def skeleton_segments(parts, size, removed):
     return tuple(segments)
 
 
-def segments_size(segments):
+def _cut(part: Part) -> tuple[int, int]:
+    assert part.cut is not None, f"part {part.index} is not inside a multipart"
+    return part.cut
+
+
+def segments_size(segments: Iterable[Segment]) -> int:
     return sum(len(s) if isinstance(s, bytes) else s[1] - s[0] for s in segments)
 
 
-def plan_draft(parts, size, limit=REQUEST_LIMIT, move_all=False):
+def plan_draft(parts: Sequence[Part], size: int, limit: int = REQUEST_LIMIT,
+               move_all: bool = False) -> tuple[tuple[Segment, ...], tuple[MovedAttachment, ...]]:
     """(segments, moved attachments) for a draft whose skeleton fits in ``limit``.
 
     Every attachment stays in the skeleton unless it must go: the largest go
@@ -535,8 +511,8 @@ def plan_draft(parts, size, limit=REQUEST_LIMIT, move_all=False):
     for p in candidates:
         if p.decoded_size is None:
             raise ValueError(f"part {p.index}: decoded size unknown (call measure())")
-    candidates.sort(key=lambda p: (p.cut[1] - p.cut[0]), reverse=True)
-    removed = []
+    candidates.sort(key=lambda p: (_cut(p)[1] - _cut(p)[0]), reverse=True)
+    removed: list[int] = []
     segments = skeleton_segments(parts, size, removed)
     for p in candidates:
         if not move_all and fits(segments_size(segments), limit):
@@ -551,7 +527,7 @@ def plan_draft(parts, size, limit=REQUEST_LIMIT, move_all=False):
     out = []
     for index in sorted(removed):
         p = parts[index]
-        attachment = moved(p, upload=p.decoded_size >= UPLOAD_MIN)
+        attachment = moved(p, upload=(p.decoded_size or 0) >= UPLOAD_MIN)  # never None here
         if attachment.upload and attachment.size > UPLOAD_MAX:
             raise Unsendable(f"the attachment {attachment.name!r} ({attachment.size:,} bytes) "
                              f"is larger than Graph's {UPLOAD_MAX:,} bytes")
@@ -567,7 +543,7 @@ def plan_draft(parts, size, limit=REQUEST_LIMIT, move_all=False):
 # ---------------------------------------------------------------- reading the file (threads)
 
 
-def read_segments(f, segments):
+def read_segments(f: File, segments: Iterable[Segment]) -> bytes:
     out = []
     for s in segments:
         if isinstance(s, bytes):
@@ -578,14 +554,14 @@ def read_segments(f, segments):
     return b"".join(out)
 
 
-def measure(f, parts):
+def measure(f: File, parts: Iterable[Part]) -> None:
     """Fill in the decoded size of quoted-printable leaves (the others are known)."""
     for p in parts:
         if p.decoded_size is None and not p.multipart and p.encoding == "quoted-printable":
             p.decoded_size = sum(len(c) for c in decoded_pieces(f, p))
 
 
-def _raw(f, start, end):
+def _raw(f: File, start: int, end: int) -> Iterator[bytes]:
     pos = start
     while pos < end:
         f.seek(pos)
@@ -596,7 +572,7 @@ def _raw(f, start, end):
         yield data
 
 
-def decoded_pieces(f, part):
+def decoded_pieces(f: File, part: Part) -> Iterator[bytes]:
     """The decoded body of ``part``, in pieces of any size."""
     if part.encoding == "base64":
         pending = b""
@@ -622,7 +598,8 @@ def decoded_pieces(f, part):
         yield from _raw(f, part.body_start, part.body_end)
 
 
-def decoded_chunks(f, part, chunk=UPLOAD_CHUNK):
+def decoded_chunks(f: File, part: Part,
+                   chunk: int = UPLOAD_CHUNK) -> Generator[bytes, None, None]:
     """The decoded body of ``part`` in chunks of exactly ``chunk`` bytes (the last shorter)."""
     out = bytearray()
     for piece in decoded_pieces(f, part):
@@ -634,7 +611,7 @@ def decoded_chunks(f, part, chunk=UPLOAD_CHUNK):
         yield bytes(out)
 
 
-def attachment_body(f, part, attachment):
+def attachment_body(f: File, part: Part, attachment: MovedAttachment) -> bytes:
     """The JSON body of ``POST .../attachments`` for a small moved attachment."""
     content = b"".join(decoded_pieces(f, part))
     resource = attachment.resource(base64.b64encode(content).decode("ascii"))
@@ -644,7 +621,8 @@ def attachment_body(f, part, attachment):
 # ---------------------------------------------------------------- the decision (reads the file)
 
 
-def prepare(f, envelope, save_to_sent_items=True, limit=REQUEST_LIMIT, move_all=False):
+def prepare(f: File, envelope: Sequence[str], save_to_sent_items: bool = True,
+            limit: int = REQUEST_LIMIT, move_all: bool = False) -> tuple[Plan, bytes]:
     """Plan the sending of the message in ``f`` to ``envelope``; read what it needs.
 
     Returns ``(plan, payload)``, the payload being the base64 MIME of the
@@ -667,7 +645,7 @@ def prepare(f, envelope, save_to_sent_items=True, limit=REQUEST_LIMIT, move_all=
     head = f.read(min(size, MAX_HEADER_BLOCK))
     end = split_header_block(head)
     block = head if end is None else head[:end]
-    rplan = reconcile(envelope, header_recipients(block))
+    rplan = plan_recipients(envelope, header_recipients(block))
     bcc = bcc_header(rplan.add_bcc)
     reasons = []
     if not save_to_sent_items:
@@ -677,7 +655,7 @@ def prepare(f, envelope, save_to_sent_items=True, limit=REQUEST_LIMIT, move_all=
     if move_all or not fits(size + len(bcc), limit):
         reasons.append("size")
     if not reasons:
-        segments = (bcc, (0, size)) if bcc else ((0, size),)
+        segments: tuple[Segment, ...] = (bcc, (0, size)) if bcc else ((0, size),)
         plan = Plan("mime", segments, size + len(bcc), rplan)
     elif not move_all and fits(size, limit):
         plan = Plan("draft", ((0, size),), size, rplan, reasons=tuple(reasons),)

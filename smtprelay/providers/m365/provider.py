@@ -1,10 +1,10 @@
 """The Microsoft 365 provider: messages sent through Microsoft Graph as the sending mailbox.
 
 One :class:`GraphProvider` per relay holds one msal application
-(:mod:`~smtprelay.providers.graph_credentials`) and one
-:class:`~smtprelay.providers.graph_http.GraphClient` (the treq connection pool
+(:mod:`~smtprelay.providers.m365.credentials`) and one
+:class:`~smtprelay.providers.m365.requests.GraphClient` (the treq connection pool
 and the per-mailbox request slots).  For each message it asks
-:mod:`~smtprelay.providers.graph_mime` (on a thread: it reads the file) for a
+:mod:`~smtprelay.providers.m365.mime` (on a thread: it reads the file) for a
 plan, then runs it:
 
 * **sendMail** (``POST /v1.0/users/{mailbox}/sendMail``, base64 MIME,
@@ -22,7 +22,7 @@ plan, then runs it:
   so a delivery is one request in flight; across deliveries a mailbox never
   has more than ``min(delivery.concurrency, 4)`` requests in flight.
 
-Every answer is classified by :mod:`~smtprelay.providers.graph_errors`:
+Every answer is classified by :mod:`~smtprelay.providers.m365.classify`:
 ``Retry-After`` blocks the whole mailbox (here, and through the outcome in
 the queue), a refused token is renewed once, a 413 moves to the draft form,
 an answer lost after a send was written is ``ambiguous``.  Inside a draft,
@@ -36,42 +36,56 @@ certificate; warnings are logged at start-up and daily, and returned by
 reaches a detail or the log.
 """
 
+from __future__ import annotations
+
 import datetime
 import time
+from collections.abc import Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import quote
 
 import attr
 from twisted.internet import defer, task, threads
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from smtprelay.model import Outcome, Result
-from smtprelay.providers import graph_credentials as credentials
-from smtprelay.providers import graph_errors as errors
-from smtprelay.providers import graph_mime as mime
 from smtprelay.providers._tokens import TokenThreads
 from smtprelay.providers.base import (
     CheckResult,
     CredentialStatus,
     IProvider,
+    OutgoingMessage,
     ProviderBase,
     Step,
 )
-from smtprelay.providers.graph_http import GraphClient, Unanswered
+from smtprelay.providers.m365 import classify as errors
+from smtprelay.providers.m365 import credentials, mime
+from smtprelay.providers.m365.requests import Answer, GraphClient, Unanswered
+from smtprelay.scrub import scrub
+
+if TYPE_CHECKING:
+    from smtprelay.config import Config, M365Provider
 
 log = Logger()
+_T = TypeVar("_T")
+# what an inlineCallbacks generator is: it yields Deferreds, it returns a _T
+Inline = Generator[Deferred[Any], Any, _T]
 
 IN_PLACE_RETRIES = 3  # per request inside a draft
 IN_PLACE_WAIT = 60.0  # seconds a draft delivery may wait in total for Graph to recover
 DAY = 86400.0
 # a gateway timeout on a send: the backend may have sent the message all the same
 _MAYBE_SENT = frozenset({504})
+# _create_draft: the app may not create drafts, and only Sent Items asked for one
+_FALLBACK = "fallback"
 
 
 class _Failed(Exception):
     """Unwinds a delivery with its outcome."""
 
-    def __init__(self, outcome):
+    def __init__(self, outcome: Outcome) -> None:
         super().__init__(outcome.detail)
         self.outcome = outcome
 
@@ -79,19 +93,21 @@ class _Failed(Exception):
 class _Delivery:
     """What one delivery carries between its requests."""
 
-    def __init__(self, message):
+    def __init__(self, message: OutgoingMessage) -> None:
         self.message = message
         self.mailbox = message.mailbox
         self.waited = 0.0  # seconds spent waiting for Graph in place
-        self.draft_id = None
+        self.draft_id: str | None = None
 
 
 @implementer(IProvider)
 class GraphProvider(ProviderBase):
     type = "m365"
 
-    def __init__(self, config, reactor, token_threads=None):
-        p = config.provider
+    # reactor: IReactorTime and IReactorThreads (no one interface says both)
+    def __init__(self, config: Config, reactor: Any,
+                 token_threads: TokenThreads | None = None) -> None:
+        p = cast("M365Provider", config.provider)
         self.config = p
         self.timeout = float(p.timeout)  # the queue bounds a call by it
         self._reactor = reactor
@@ -105,10 +121,12 @@ class GraphProvider(ProviderBase):
         self._tokens = credentials.GraphTokens(reactor, p, self._threads)
         self._client = GraphClient(reactor, self._tokens, p.ca_file, p.timeout,
                                    config.delivery.concurrency)
-        self._blocked = {}  # mailbox -> epoch seconds before which Graph asked us to wait
-        self._no_drafts = {}  # mailbox -> until when save_to_sent_items=false falls back
-        self._orphans = []  # (mailbox, draft id) whose deletion failed
-        self._loop = None
+        # mailbox -> epoch seconds before which Graph asked us to wait
+        self._blocked: dict[str, float] = {}
+        # mailbox -> until when save_to_sent_items=false falls back
+        self._no_drafts: dict[str, float] = {}
+        self._orphans: list[tuple[str, str]] = []  # (mailbox, draft id) whose deletion failed
+        self._loop: task.LoopingCall | None = None
         if p.client_secret is not None:
             self._expiry = credentials.Expiry(p.client_secret_expires,
                                               "configured" if p.client_secret_expires else "",
@@ -118,7 +136,7 @@ class GraphProvider(ProviderBase):
                                               "certificate", "certificate")
 
     @staticmethod
-    def _certificate_expiry(path):
+    def _certificate_expiry(path: str) -> datetime.date | None:
         from smtprelay.tls import certificate_not_after
 
         try:
@@ -128,7 +146,7 @@ class GraphProvider(ProviderBase):
 
     # -- life ------------------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         """Check the credential now (a token, the secret's expiry) and then daily."""
         self._loop = task.LoopingCall(self._daily)
         self._loop.clock = self._reactor
@@ -137,7 +155,7 @@ class GraphProvider(ProviderBase):
         return None
 
     @defer.inlineCallbacks
-    def stop(self):
+    def stop(self) -> Inline[None]:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
@@ -148,7 +166,7 @@ class GraphProvider(ProviderBase):
             yield self._threads.stop()
 
     @defer.inlineCallbacks
-    def _daily(self):
+    def _daily(self) -> Inline[None]:
         try:
             yield self._tokens.token()
         except credentials.TokenFailed as e:
@@ -165,16 +183,16 @@ class GraphProvider(ProviderBase):
 
     # -- what the admin sees -------------------------------------------------------------
 
-    def _today(self):
+    def _today(self) -> datetime.date:
         return datetime.datetime.fromtimestamp(self._reactor.seconds(),
-                                               datetime.timezone.utc).date()
+                                               datetime.UTC).date()
 
-    def credential_status(self):
+    def credential_status(self) -> CredentialStatus:
         problem = self._tokens.problem or credentials.expired_note(self._expiry, self._today())
         return CredentialStatus(expires=self._expiry.date, source=self._expiry.source,
                                 problem=problem)
 
-    def warnings(self):
+    def warnings(self) -> list[str]:
         out = []
         if self._tokens.problem:
             out.append(f"{self._tokens.problem}: messages are deferred until it is fixed")
@@ -190,13 +208,11 @@ class GraphProvider(ProviderBase):
                        "delivery; they are retried, or may be deleted from the Drafts folder")
         return out
 
-    def _scrub(self, text):
-        from smtprelay.scrub import redact
-
-        return redact(text, self._secrets)
+    def _scrub(self, text: str) -> str:
+        return scrub(text, self._secrets)
 
     @defer.inlineCallbacks
-    def _refresh_expiry(self):
+    def _refresh_expiry(self) -> Inline[None]:
         """The secret's end date from Graph (Application.Read.All), if the app may read it."""
         p = self.config
         if p.client_secret is None:
@@ -209,7 +225,7 @@ class GraphProvider(ProviderBase):
             return
         if answer.status == 200:
             now = datetime.datetime.fromtimestamp(self._reactor.seconds(),
-                                                  datetime.timezone.utc)
+                                                  datetime.UTC)
             found = credentials.pick_secret_expiry(answer.json().get("passwordCredentials"),
                                                    p.client_secret.reveal(), now)
             if found is not None:
@@ -224,7 +240,7 @@ class GraphProvider(ProviderBase):
     # -- the connection test --------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def check(self):
+    def check(self) -> Inline[CheckResult]:
         steps = []
         try:
             yield self._tokens.token()
@@ -240,7 +256,7 @@ class GraphProvider(ProviderBase):
         return CheckResult(tuple(steps))
 
     @defer.inlineCallbacks
-    def _check_sender(self):
+    def _check_sender(self) -> Inline[Step]:
         sender = self._sender_default
         url = f"{self._graph}/v1.0/users/{self._quote(sender)}?$select=mail,userPrincipalName"
         try:
@@ -259,7 +275,7 @@ class GraphProvider(ProviderBase):
         verdict = answer.verdict("getUser")
         return Step("sender mailbox", False, f"{sender}: {verdict.detail}")
 
-    def _expiry_step(self):
+    def _expiry_step(self) -> Step:
         e = self._expiry
         if e.date is None:
             if self.config.client_secret is not None:
@@ -279,41 +295,41 @@ class GraphProvider(ProviderBase):
     # -- HTTP ------------------------------------------------------------------------------
 
     @staticmethod
-    def _quote(mailbox):
+    def _quote(mailbox: str) -> str:
         return quote(mailbox, safe="@")
 
-    def _outcome(self, verdict, ambiguous=False):
+    def _outcome(self, verdict: errors.Verdict, ambiguous: bool = False) -> Outcome:
         if verdict.action == errors.PERMANENT:
             return Outcome.permanent(verdict.detail)
         return Outcome.temporary(verdict.detail, not_before=verdict.not_before,
                                  mailbox_wide=verdict.mailbox_wide, ambiguous=ambiguous)
 
-    def _block(self, mailbox, verdict):
+    def _block(self, mailbox: str, verdict: errors.Verdict) -> None:
         """Remember a mailbox-wide Retry-After: every request for it waits."""
         if verdict.mailbox_wide and verdict.not_before:
             key = mailbox.lower()
             self._blocked[key] = max(self._blocked.get(key, 0), verdict.not_before)
 
-    def _blocked_until(self, mailbox):
+    def _blocked_until(self, mailbox: str) -> float | None:
         until = self._blocked.get(mailbox.lower())
         if until is not None and until <= self._reactor.seconds():
             del self._blocked[mailbox.lower()]
             return None
         return until
 
-    def _sleep(self, seconds):
+    def _sleep(self, seconds: float) -> Deferred[None]:
         return task.deferLater(self._reactor, max(seconds, 0), lambda: None)
 
-    def _in_thread(self, fn, *args):
+    def _in_thread(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
 
     # -- sending ------------------------------------------------------------------------------
 
-    def _users(self, mailbox):
+    def _users(self, mailbox: str) -> str:
         return f"{self._graph}/v1.0/users/{self._quote(mailbox)}"
 
     @defer.inlineCallbacks
-    def send(self, message):
+    def send(self, message: OutgoingMessage) -> Inline[Outcome]:
         started = time.monotonic()
         try:
             outcome = yield self._send(message)
@@ -330,7 +346,7 @@ class GraphProvider(ProviderBase):
                   ms=int((time.monotonic() - started) * 1000))
         return self._finish(outcome)
 
-    def _finish(self, outcome):
+    def _finish(self, outcome: Outcome) -> Outcome:
         detail = self._scrub(outcome.detail)
         if outcome.result is not Result.SENT:
             note = credentials.expired_note(self._expiry, self._today())
@@ -341,7 +357,7 @@ class GraphProvider(ProviderBase):
         return outcome
 
     @defer.inlineCallbacks
-    def _send(self, message):
+    def _send(self, message: OutgoingMessage) -> Inline[Outcome]:
         mailbox = message.mailbox
         blocked = self._blocked_until(mailbox)
         if blocked is not None:
@@ -369,15 +385,16 @@ class GraphProvider(ProviderBase):
         outcome = yield self._send_draft(message, plan, payload, save, moved_all)
         return outcome
 
-    def _prepare(self, message, save, move_all=False):
+    def _prepare(self, message: OutgoingMessage, save: bool,
+                 move_all: bool = False) -> Deferred[tuple[mime.Plan, bytes]]:
         return self._in_thread(mime.prepare, message.body, message.recipients, save,
                                mime.REQUEST_LIMIT, move_all)
 
     @staticmethod
-    def _rid(answer):
+    def _rid(answer: Answer) -> str:
         return f"; request-id {answer.request_id}" if answer.request_id else ""
 
-    def _bcc_note(self, plan):
+    def _bcc_note(self, plan: mime.Plan) -> str:
         r = plan.recipients
         notes = []
         if r.add_bcc:
@@ -388,7 +405,8 @@ class GraphProvider(ProviderBase):
         return "; " + "; ".join(notes) if notes else ""
 
     @defer.inlineCallbacks
-    def _send_mime(self, message, plan, payload):
+    def _send_mime(self, message: OutgoingMessage, plan: mime.Plan,
+                   payload: bytes) -> Inline[Outcome | None]:
         """sendMail with the base64 MIME -> Outcome, or None after a 413."""
         mailbox = message.mailbox
         answer = yield self._client.request(
@@ -409,61 +427,96 @@ class GraphProvider(ProviderBase):
     # -- the draft form ------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _send_draft(self, message, plan, payload, save, moved_all=False):
-        mailbox = message.mailbox
+    def _send_draft(self, message: OutgoingMessage, plan: mime.Plan, payload: bytes,
+                    save: bool, moved_all: bool = False) -> Inline[Outcome]:
         ctx = _Delivery(message)
-        created = yield self._create_draft(ctx, plan, payload)
-        while created is None:  # 413: once more with every attachment on its own
-            if moved_all:
-                return Outcome.permanent(
-                    "creating the draft: Graph answered 413 with every attachment taken out "
-                    f"({plan.mime_size:,} bytes of MIME left): too large for every method")
-            try:
-                plan, payload = yield self._prepare(message, save, move_all=True)
-            except mime.Unsendable as e:
-                return Outcome.permanent(f"Graph answered 413 to the draft, and {e.detail}")
-            moved_all = True
-            created = yield self._create_draft(ctx, plan, payload)
+        created, plan = yield self._create_fitting(ctx, plan, payload, save, moved_all)
+        del payload
         if isinstance(created, Outcome):
             return created
-        if created == "fallback":
+        if created == _FALLBACK:
             return (yield self._fallback_sendmail(message))
-        del payload
         ctx.draft_id = created
         if plan.recipients.explicit:
             log.info("m365: {id}: the headers name {dropped} outside the envelope: recipients "
                      "set explicitly on the draft, so the visible To/Cc change",
                      id=message.id, dropped=", ".join(plan.recipients.dropped[:10]))
         try:
-            patch = {}
-            if plan.recipients.differ:
-                patch.update(mime.recipients_patch(plan.recipients))
-            if not save:
-                patch["singleValueExtendedProperties"] = [mime.DELETE_AFTER_SUBMIT]
-            if patch:
-                yield self._draft_call(ctx, "PATCH", self._draft_url(ctx), "updateMessage",
-                                       (200,), json_body=patch)
-            uploaded = 0
-            for attachment in plan.attachments:
-                if attachment.upload:
-                    yield self._upload(ctx, plan, attachment)
-                    uploaded += 1
-                else:
-                    body = yield self._in_thread(mime.attachment_body, message.body,
-                                                 plan.parts[attachment.part], attachment)
-                    yield self._draft_call(ctx, "POST", f"{self._draft_url(ctx)}/attachments",
-                                           "addAttachment", (201, 200), data=body,
-                                           headers={"Content-Type": "application/json"})
-                    del body
-            answer = yield self._draft_call(ctx, "POST", f"{self._draft_url(ctx)}/send", "send",
-                                            (202, 200, 204), commit=True)
+            uploaded, answer = yield self._complete_draft(ctx, plan, save)
         except defer.CancelledError:
             self._delete_later(ctx)
             raise
         except BaseException:
             yield self._delete_draft(ctx)
             raise
-        self._retry_orphans(mailbox)
+        self._retry_orphans(ctx.mailbox)
+        return Outcome.sent(self._draft_detail(ctx.mailbox, plan, save, uploaded, answer),
+                            provider_id=answer.request_id)
+
+    @defer.inlineCallbacks
+    def _create_fitting(self, ctx: _Delivery, plan: mime.Plan, payload: bytes, save: bool,
+                        moved_all: bool) -> Inline[tuple[str | Outcome, mime.Plan]]:
+        """Create the draft; after a 413, once more with every attachment on its own.
+
+        -> (the draft's id, an Outcome or :data:`_FALLBACK`; the plan it was made from).
+        """
+        created = yield self._create_draft(ctx, plan, payload)
+        while created is None:
+            if moved_all:
+                return Outcome.permanent(
+                    "creating the draft: Graph answered 413 with every attachment taken out "
+                    f"({plan.mime_size:,} bytes of MIME left): too large for every method"), plan
+            try:
+                plan, payload = yield self._prepare(ctx.message, save, move_all=True)
+            except mime.Unsendable as e:
+                return Outcome.permanent(f"Graph answered 413 to the draft, and {e.detail}"), plan
+            moved_all = True
+            created = yield self._create_draft(ctx, plan, payload)
+        return created, plan
+
+    @defer.inlineCallbacks
+    def _complete_draft(self, ctx: _Delivery, plan: mime.Plan,
+                        save: bool) -> Inline[tuple[int, Answer]]:
+        """Set what differs, add the attachments, send -> (attachments uploaded, the answer)."""
+        patch = self._draft_patch(plan, save)
+        if patch:
+            yield self._draft_call(ctx, "PATCH", self._draft_url(ctx), "updateMessage",
+                                   (200,), json_body=patch)
+        uploaded = 0
+        for attachment in plan.attachments:
+            if attachment.upload:
+                yield self._upload(ctx, plan, attachment)
+                uploaded += 1
+            else:
+                yield self._add_attachment(ctx, plan, attachment)
+        answer = yield self._draft_call(ctx, "POST", f"{self._draft_url(ctx)}/send", "send",
+                                        (202, 200, 204), commit=True)
+        return uploaded, answer
+
+    @staticmethod
+    def _draft_patch(plan: mime.Plan, save: bool) -> dict[str, Any]:
+        """The draft's PATCH: its recipients when they are not the headers', and
+        PidTagDeleteAfterSubmit when Sent Items may not keep it ({} when nothing)."""
+        patch: dict[str, Any] = {}
+        if plan.recipients.differ:
+            patch.update(mime.recipients_patch(plan.recipients))
+        if not save:
+            patch["singleValueExtendedProperties"] = [mime.DELETE_AFTER_SUBMIT]
+        return patch
+
+    @defer.inlineCallbacks
+    def _add_attachment(self, ctx: _Delivery, plan: mime.Plan,
+                        attachment: mime.MovedAttachment) -> Inline[None]:
+        """A small attachment in one ``POST .../attachments``."""
+        body = yield self._in_thread(mime.attachment_body, ctx.message.body,
+                                     plan.parts[attachment.part], attachment)
+        yield self._draft_call(ctx, "POST", f"{self._draft_url(ctx)}/attachments",
+                               "addAttachment", (201, 200), data=body,
+                               headers={"Content-Type": "application/json"})
+        del body
+
+    def _draft_detail(self, mailbox: str, plan: mime.Plan, save: bool, uploaded: int,
+                      answer: Answer) -> str:
         moved = len(plan.attachments)
         how = []
         if uploaded:
@@ -473,16 +526,17 @@ class GraphProvider(ProviderBase):
         if not save:
             how.append("not kept in Sent Items")
         extra = f", {', '.join(how)}" if how else ""
-        return Outcome.sent(
-            f"sent as {mailbox} through a draft ({plan.mime_size:,} bytes of MIME{extra})"
-            f"{self._bcc_note(plan)}{self._rid(answer)}", provider_id=answer.request_id)
+        return (f"sent as {mailbox} through a draft ({plan.mime_size:,} bytes of MIME{extra})"
+                f"{self._bcc_note(plan)}{self._rid(answer)}")
 
-    def _draft_url(self, ctx):
+    def _draft_url(self, ctx: _Delivery) -> str:
+        assert ctx.draft_id is not None, "no draft yet"
         return f"{self._users(ctx.mailbox)}/messages/{quote(ctx.draft_id, safe='')}"
 
     @defer.inlineCallbacks
-    def _create_draft(self, ctx, plan, payload):
-        """The draft's id; an Outcome when it failed; None after a 413; "fallback"."""
+    def _create_draft(self, ctx: _Delivery, plan: mime.Plan,
+                      payload: bytes) -> Inline[str | Outcome | None]:
+        """The draft's id; an Outcome when it failed; None after a 413; :data:`_FALLBACK`."""
         mailbox = ctx.mailbox
         answer = yield self._client.request("POST", f"{self._users(mailbox)}/messages",
                                              "createMessage", mailbox=mailbox, data=payload,
@@ -507,11 +561,11 @@ class GraphProvider(ProviderBase):
                          "sendMail (kept in Sent Items) for the next hour",
                          mailbox=mailbox, detail=verdict.detail)
             self._no_drafts[key] = self._reactor.seconds() + 3600
-            return "fallback"
+            return _FALLBACK
         return self._outcome(verdict)
 
     @defer.inlineCallbacks
-    def _fallback_sendmail(self, message):
+    def _fallback_sendmail(self, message: OutgoingMessage) -> Inline[Outcome]:
         plan, payload = yield self._prepare(message, True)
         if plan.form != "mime":
             return Outcome.permanent("the app may not create drafts (grant it Mail.ReadWrite), "
@@ -523,8 +577,11 @@ class GraphProvider(ProviderBase):
         return outcome
 
     @defer.inlineCallbacks
-    def _draft_call(self, ctx, method, url, operation, expect, data=None, json_body=None,
-                    headers=None, auth=True, commit=False):
+    def _draft_call(self, ctx: _Delivery, method: str, url: str, operation: str,
+                    expect: Sequence[int], data: bytes | None = None,
+                    json_body: dict[str, Any] | None = None,
+                    headers: dict[str, str] | None = None, auth: bool = True,
+                    commit: bool = False) -> Inline[Answer]:
         """A request on the draft; throttling and 5xx are waited out in place (bounded)."""
         for attempt in range(IN_PLACE_RETRIES + 1):
             blocked = self._blocked_until(ctx.mailbox)
@@ -545,8 +602,10 @@ class GraphProvider(ProviderBase):
             wait = (verdict.not_before - self._reactor.seconds() if verdict.not_before
                     else 2.0 ** attempt)
             yield self._wait(ctx, wait, operation, verdict)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _wait(self, ctx, seconds, operation, verdict=None):
+    def _wait(self, ctx: _Delivery, seconds: float, operation: str,
+              verdict: errors.Verdict | None = None) -> Deferred[None]:
         seconds = max(seconds, 0.0)
         if ctx.waited + seconds > IN_PLACE_WAIT:
             until = self._reactor.seconds() + seconds
@@ -557,7 +616,8 @@ class GraphProvider(ProviderBase):
         return self._sleep(seconds)
 
     @defer.inlineCallbacks
-    def _upload(self, ctx, plan, attachment):
+    def _upload(self, ctx: _Delivery, plan: mime.Plan,
+                attachment: mime.MovedAttachment) -> Inline[None]:
         answer = yield self._draft_call(
             ctx, "POST", f"{self._draft_url(ctx)}/attachments/createUploadSession",
             "createUploadSession", (200, 201), json_body={"AttachmentItem": attachment.item()})
@@ -566,7 +626,7 @@ class GraphProvider(ProviderBase):
             raise _Failed(Outcome.temporary("creating an upload session: no uploadUrl in "
                                             "Graph's answer"))
         part = plan.parts[attachment.part]
-        chunks = mime.decoded_chunks(ctx.message.body, part, mime.UPLOAD_CHUNK)
+        chunks = mime.decoded_chunks(cast(mime.File, ctx.message.body), part, mime.UPLOAD_CHUNK)
         offset, total = 0, attachment.size
         try:
             while True:
@@ -588,7 +648,7 @@ class GraphProvider(ProviderBase):
                 f"uploading {attachment.name!r}: read {offset:,} bytes, expected {total:,}"))
 
     @defer.inlineCallbacks
-    def _delete_draft(self, ctx):
+    def _delete_draft(self, ctx: _Delivery) -> Inline[None]:
         """Delete the draft of a failed delivery (retried a little; remembered if it fails)."""
         if ctx.draft_id is None:
             return
@@ -597,14 +657,14 @@ class GraphProvider(ProviderBase):
         if not ok:
             self._orphans.append((ctx.mailbox, draft_id))
 
-    def _delete_later(self, ctx):
+    def _delete_later(self, ctx: _Delivery) -> None:
         if ctx.draft_id is not None:
             draft_id, ctx.draft_id = ctx.draft_id, None
             self._orphans.append((ctx.mailbox, draft_id))
             self._reactor.callLater(0, self._retry_orphans, ctx.mailbox)
 
     @defer.inlineCallbacks
-    def _delete(self, mailbox, draft_id):
+    def _delete(self, mailbox: str, draft_id: str) -> Inline[bool]:
         url = f"{self._users(mailbox)}/messages/{quote(draft_id, safe='')}"
         for attempt in range(3):
             try:
@@ -630,7 +690,7 @@ class GraphProvider(ProviderBase):
                  mailbox=mailbox, detail=self._scrub(detail))
         return False
 
-    def _retry_orphans(self, mailbox):
+    def _retry_orphans(self, mailbox: str) -> None:
         """Try again to delete drafts left by failed deliveries of ``mailbox``."""
         mine = [o for o in self._orphans if o[0].lower() == mailbox.lower()]
         if not mine:
@@ -638,7 +698,7 @@ class GraphProvider(ProviderBase):
         self._orphans = [o for o in self._orphans if o not in mine]
 
         @defer.inlineCallbacks
-        def again():
+        def again() -> Inline[None]:
             for box, draft_id in mine:
                 ok = yield self._delete(box, draft_id)
                 if not ok:

@@ -17,7 +17,10 @@ request-id, and never carry a token or a secret (Graph and Entra do not put
 them in their answers; the provider scrubs the configured secret as well).
 """
 
+from __future__ import annotations
+
 import re
+from typing import Any
 
 import attr
 
@@ -45,7 +48,7 @@ class Verdict:
     credential_problem: str | None = None
 
 
-def one_line(text, limit=MAX_TEXT):
+def one_line(text: object, limit: int = MAX_TEXT) -> str:
     """``text`` without line breaks or runs of blanks, cut to ``limit`` characters."""
     if text is None:
         return ""
@@ -53,7 +56,8 @@ def one_line(text, limit=MAX_TEXT):
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def describe(status, code=None, message=None, request_id=None):
+def describe(status: int, code: str | None = None, message: str | None = None,
+             request_id: str | None = None) -> str:
     """``Graph 403 ErrorSendAsDenied: <message> (request-id ...)``."""
     parts = [f"Graph {status}"]
     if code:
@@ -79,11 +83,13 @@ _OPERATION_TEXT = {
 }
 
 
-def operation_text(operation):
-    return _OPERATION_TEXT.get(operation, operation or "request")
+def operation_text(operation: str | None) -> str:
+    if not operation:
+        return "request"
+    return _OPERATION_TEXT.get(operation, operation)
 
 
-def _access_denied_hint(operation, message):
+def _access_denied_hint(operation: str, message: str | None) -> str:
     text = (message or "").lower()
     if "accesspolicy" in text or "access policy" in text or "rbac" in text:
         return ("the app may not act on this mailbox: add it to the app's RBAC for "
@@ -115,8 +121,9 @@ _PERMANENT_404 = frozenset({"ErrorInvalidUser", "MailboxNotEnabledForRESTAPI",
 _TEMPORARY_4XX = frozenset({408, 409, 412, 416, 423, 424, 425})
 
 
-def classify(status, code=None, message=None, request_id=None, retry_after=None, now=0.0,
-             operation="sendMail", refreshed=False):
+def classify(status: int, code: str | None = None, message: str | None = None,
+             request_id: str | None = None, retry_after: float | None = None, now: float = 0.0,
+             operation: str = "sendMail", refreshed: bool = False) -> Verdict:
     """The :class:`Verdict` for one Graph answer that was not a success.
 
     ``retry_after`` is the epoch time of a ``Retry-After`` header (or None),
@@ -124,45 +131,65 @@ def classify(status, code=None, message=None, request_id=None, retry_after=None,
     (``sendMail``, ``createMessage``, ``upload``, ...), ``refreshed`` whether
     the token was already renewed once for this request.
     """
-    what = operation_text(operation)
-    base = f"{what}: {describe(status, code, message, request_id)}"
-
-    def verdict(action, hint=None, not_before=None, mailbox_wide=False):
-        detail = base if not hint else f"{base} ({hint})"
-        return Verdict(action, detail, not_before, mailbox_wide)
-
+    said = _Said(f"{operation_text(operation)}: {describe(status, code, message, request_id)}")
     if status == 401:
-        if operation == "upload":  # the upload URL carries its own, short-lived authorization
-            return verdict(TEMPORARY, "the upload session's URL was refused (expired?)")
-        if not refreshed:
-            return verdict(REFRESH)
-        return verdict(TEMPORARY, "the token was refused twice; retrying later")
+        return _unauthorized(said, operation, refreshed)
     if status == 413:
-        return verdict(TOO_LARGE)
+        return said.verdict(TOO_LARGE)
     if status == 429:
         until = retry_after if retry_after is not None else now + DEFAULT_THROTTLE_SECONDS
-        return verdict(TEMPORARY, "throttled: the whole mailbox waits", until, True)
+        return said.verdict(TEMPORARY, "throttled: the whole mailbox waits", until, True)
     if status >= 500:
         if retry_after is not None:
-            return verdict(TEMPORARY, None, retry_after, True)
-        return verdict(TEMPORARY)
+            return said.verdict(TEMPORARY, None, retry_after, True)
+        return said.verdict(TEMPORARY)
+    if 400 <= status < 500:
+        return _refused(said, status, code, message, operation, retry_after)
+    # 1xx/3xx where an answer of 2xx was expected: not the message's fault
+    return said.verdict(TEMPORARY, "unexpected answer")
+
+
+@attr.frozen
+class _Said:
+    """What Graph said, in words: every verdict's detail starts with it."""
+
+    base: str
+
+    def verdict(self, action: str, hint: str | None = None, not_before: float | None = None,
+                mailbox_wide: bool = False) -> Verdict:
+        detail = self.base if not hint else f"{self.base} ({hint})"
+        return Verdict(action, detail, not_before, mailbox_wide)
+
+
+def _unauthorized(said: _Said, operation: str, refreshed: bool) -> Verdict:
+    if operation == "upload":  # the upload URL carries its own, short-lived authorization
+        return said.verdict(TEMPORARY, "the upload session's URL was refused (expired?)")
+    if not refreshed:
+        return said.verdict(REFRESH)
+    return said.verdict(TEMPORARY, "the token was refused twice; retrying later")
+
+
+def _refused(said: _Said, status: int, code: str | None, message: str | None, operation: str,
+             retry_after: float | None) -> Verdict:
+    """A 4xx other than 401, 413 and 429."""
     if status == 403:
         if code == "ErrorAccessDenied":
-            return verdict(PERMANENT, _access_denied_hint(operation, message))
-        return verdict(PERMANENT, _PERMANENT_HINTS.get(code))
+            return said.verdict(PERMANENT, _access_denied_hint(operation, message))
+        return said.verdict(PERMANENT, _hint(code))
     if status == 404:
         if code in _PERMANENT_404:
-            return verdict(PERMANENT, _PERMANENT_HINTS.get(code))
+            return said.verdict(PERMANENT, _hint(code))
         # a draft that vanished, or an endpoint that is wrong (provider.graph_endpoint):
         # neither is the message's fault
-        return verdict(TEMPORARY, "not found: check provider.graph_endpoint"
-                       if code not in ("ErrorItemNotFound",) else None)
+        return said.verdict(TEMPORARY, "not found: check provider.graph_endpoint"
+                            if code not in ("ErrorItemNotFound",) else None)
     if status in _TEMPORARY_4XX:
-        return verdict(TEMPORARY, None, retry_after, retry_after is not None)
-    if 400 <= status < 500:
-        return verdict(PERMANENT, _PERMANENT_HINTS.get(code))
-    # 1xx/3xx where an answer of 2xx was expected: not the message's fault
-    return verdict(TEMPORARY, "unexpected answer")
+        return said.verdict(TEMPORARY, None, retry_after, retry_after is not None)
+    return said.verdict(PERMANENT, _hint(code))
+
+
+def _hint(code: str | None) -> str | None:
+    return _PERMANENT_HINTS.get(code) if code is not None else None
 
 
 # ---------------------------------------------------------------- tokens (Entra ID, msal)
@@ -190,7 +217,7 @@ _CREDENTIAL_ERRORS = frozenset({"invalid_client", "unauthorized_client", "invali
                                 "invalid_resource", "invalid_scope"})
 
 
-def aadsts_code(result):
+def aadsts_code(result: dict[str, Any]) -> int | None:
     """The AADSTS number of an Entra error answer, or None."""
     codes = result.get("error_codes")
     if isinstance(codes, list) and codes and isinstance(codes[0], int):
@@ -199,11 +226,11 @@ def aadsts_code(result):
     return int(m.group(1)) if m else None
 
 
-def _first_line(text):
+def _first_line(text: object) -> str:
     return one_line(str(text or "").replace("\r", "\n").split("\n", 1)[0])
 
 
-def classify_token(result):
+def classify_token(result: dict[str, Any]) -> Verdict:
     """The Verdict for an msal answer without ``access_token`` (``{"error", ...}``)."""
     error = str(result.get("error") or "unknown_error")
     number = aadsts_code(result)
@@ -220,7 +247,7 @@ def classify_token(result):
     return Verdict(TEMPORARY, detail, credential_problem=problem)
 
 
-def classify_token_exception(kind, text, status=None):
+def classify_token_exception(kind: str, text: str, status: int | None = None) -> Verdict:
     """The Verdict for msal raising instead of answering.
 
     ``kind`` is the exception's class name, ``text`` its message, ``status``
