@@ -89,6 +89,10 @@ class Prepared:
     message_id: str  # the Message-ID header
 
 
+class NotStored(Exception):
+    """The admin's test message could not be stored (the store's reason, secret-free)."""
+
+
 @attr.frozen
 class _Headers:
     """What the envelope keeps of a message's headers."""
@@ -274,7 +278,7 @@ class Intake:
     def test_message(self, facts: Transaction, message: Prepared) -> defer.Deferred[Transition]:
         """Store ``message`` and deliver it directly -> Deferred[its Transition].
 
-        Fails with StoreUnavailable when it could not be stored.  No policy
+        Fails with :class:`NotStored` when it could not be stored.  No policy
         applies (the relay wrote it, From is sender.default) and it is not
         counted as received."""
         return defer.Deferred.fromCoroutine(self._test_message(facts, message))
@@ -285,7 +289,10 @@ class Intake:
             headers=_Headers(header_from=message.header_from, subject=message.subject,
                              message_id=message.message_id),
         )
-        await self._store_leased(envelope, [message.data])
+        try:
+            await self._store_leased(envelope, [message.data])
+        except StoreUnavailable as e:
+            raise NotStored(str(e)) from e
         log.info("{id} test message to {to} from the admin API", id=envelope.id,
                  to=", ".join(envelope.recipients))
         return await self._deliver_direct(envelope)
