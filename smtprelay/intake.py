@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attr
 from twisted.internet import defer
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from smtprelay.metrics import Metrics
     from smtprelay.queue import QueueRunner
     from smtprelay.smtp.spool import MessageSpool
+    from smtprelay.store.interface import IStore
 
 log = Logger()
 
@@ -105,10 +106,9 @@ class _Headers:
 class Intake:
     """Accepts messages: injected configuration, store, clock, queue runner, metrics."""
 
-    def __init__(self, config: Config, store: Any, clock: IReactorTime,
+    def __init__(self, config: Config, store: IStore, clock: IReactorTime,
                  runner: QueueRunner | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
-        # an IStore provider; typed loosely because ``instance_id`` is not in the interface
         self.store = store
         self.clock = clock
         self.runner = runner

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from smtprelay.metrics import Metrics
     from smtprelay.queue import QueueRunner
     from smtprelay.smtp.auth import AuthenticatedUser, Lockout
+    from smtprelay.store.interface import IStore
 
 log = Logger()
 
@@ -781,7 +782,7 @@ def _parse_path(rest: str, keyword: str) -> tuple[str, list[tuple[str, str]]] | 
 class FrontDoor:
     """What all sessions share: configuration, lockout, TLS, the intake."""
 
-    def __init__(self, config: Config, store: Any, clock: IReactorTime, portal: Portal,
+    def __init__(self, config: Config, store: IStore, clock: IReactorTime, portal: Portal,
                  lockout: Lockout, tls_context: Any = None, runner: QueueRunner | None = None,
                  metrics: Metrics | None = None) -> None:
         # what a finished transaction goes to
