@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from smtprelay import replies
 from smtprelay.passwords import hash_password
 from tests import torture
 from tests.network import non_loopback_address
@@ -114,7 +115,7 @@ def test_brute_force_from_many_connections_at_once(start_relay):
             with lock:
                 outcomes.append(r.code)
             if r.code != 535:
-                assert r.lines == ["421 4.7.0 Too many failed authentications; try again later"]
+                assert r.lines == [str(replies.AUTH_LOCKED_OUT)]
                 assert c.closed()
                 return
 

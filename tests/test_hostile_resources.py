@@ -4,6 +4,7 @@ import socket
 import threading
 import time
 
+from smtprelay import replies
 from tests import torture
 from tests.relay import RawSMTP
 
@@ -22,7 +23,8 @@ def test_per_address_connection_limit(start_relay):
     for c in held:
         assert c.reply().code == 220
     with RawSMTP(relay.port) as c:
-        assert c.reply().lines == ["421 4.7.0 relay.test Too many connections from your address"]
+        assert c.reply().lines == [
+            str(replies.TOO_MANY_FROM_ADDRESS.format(hostname="relay.test"))]
         assert c.closed()
     torture.figures["connections refused over a limit"] += 1
     held.pop().close()

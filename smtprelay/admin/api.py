@@ -39,9 +39,9 @@ from smtprelay.admin import auth, configfile, openapi, shapes, testmail
 from smtprelay.admin.monitor import credential_status
 from smtprelay.admin.shapes import safe_reason as _reason
 from smtprelay.errors import ApplyError, ListenError
-from smtprelay.model import Claim, Envelope, Status, new_message_id
+from smtprelay.intake import NotStored
+from smtprelay.model import Status, new_message_id
 from smtprelay.store import DeliveryPage, DeliveryRow
-from smtprelay.store.interface import StoreUnavailable
 
 log = Logger()
 
@@ -462,23 +462,13 @@ class AdminAPI:
         now = self.now()
         message_id = new_message_id(now)
         client = getattr(request.getClientAddress(), "host", "127.0.0.1")
-        data = testmail.build(message_id, sender, to, subject, cfg.smtp.hostname, client,
-                              cfg.provider.type, now)
-        envelope = Envelope(
-            id=message_id, sender=sender, original_sender=sender, mailbox=sender,
-            recipients=(to,), received_at=now, size=len(data), client_address=client,
-            helo="admin-api", auth_user="admin", header_from=sender.lower(), subject=subject,
-            message_id=testmail.message_id_header(message_id, cfg.smtp.hostname),
-            mode="direct", instance=relay.store.instance_id,
-        )
+        message = testmail.prepare(message_id, sender, to, subject, cfg.smtp.hostname, client,
+                                   cfg.provider.type, now)
         try:
-            yield relay.store.accept(envelope, [data], lease_until=now + cfg.delivery.lease)
-        except StoreUnavailable as e:
+            transition = yield relay.door.intake.test_message(
+                testmail.facts(sender, to, client), message)
+        except NotStored as e:
             raise ApiError(503, f"the test message could not be stored: {e}") from None
-        log.info("{id} test message to {to} from the admin API", id=message_id, to=to)
-        claim = Claim(id=message_id, sender=sender, mailbox=sender, recipients=(to,),
-                      age_from=now, size=len(data), attempts=0, mode="direct")
-        transition = yield relay.runner.deliver_direct(claim)
         return self.json(request, {
             "ok": transition.status is Status.SENT,
             "delivery_id": message_id,
