@@ -87,7 +87,7 @@ def percentile(values, q):
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100.0 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100.0 * (len(ordered) - 1)))]
 
 
 async def load(port, sessions, messages, size, senders=("app@example.com",)):
@@ -136,7 +136,7 @@ def main(argv=None):
                         help="comma-separated envelope senders, used in turn")
     parser.add_argument("--idle", type=int, default=0, help="open N idle sessions and hold")
     args = parser.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.idle:
         asyncio.run(idle(args.port, args.idle))

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import scenarios  # noqa: E402
-from bench.procs import PROCESSES, install_cleanup  # noqa: E402
+from bench import scenarios
+from bench.procs import PROCESSES, install_cleanup
 
 SYSTEMS = ["direct", "postfix", "smtprelay-smtp", "smtprelay-outbox"]
 LOADS = ["smtp-source", "loadclient"]
@@ -103,7 +103,7 @@ class Bench:
         a = self.args
         print(f"cost by size: {', '.join(_size(s) for s in a.sizes)}", flush=True)
         runs = []
-        for i in range(a.runs):
+        for _i in range(a.runs):
             folder = scenarios.workdir("sizes")
             try:
                 runs.append(scenarios.scaling_sizes(folder, a.sizes))
@@ -113,7 +113,7 @@ class Bench:
                                for s in a.sizes}
         print(f"cost by sessions: {', '.join(map(str, a.session_counts))}", flush=True)
         runs = []
-        for i in range(a.runs):
+        for _i in range(a.runs):
             folder = scenarios.workdir("sessions")
             try:
                 runs.append(scenarios.scaling_sessions(folder, a.session_counts,
@@ -256,7 +256,7 @@ def parse(argv):
 def main(argv=None):
     args = parse(argv)
     install_cleanup()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 sessions need fds
     bench = Bench(args)
     parts = args.only.split(",")

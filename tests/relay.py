@@ -307,7 +307,7 @@ class RawSMTP:
                 self.buffer += chunk
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return False
 
     def close(self):
@@ -341,5 +341,12 @@ def message_from_bytes(data):
     return email.message_from_bytes(data)
 
 
-__all__ = ["RelayProcess", "RawSMTP", "parse_outbox", "strip_received", "require_tool",
-           "json", "message_from_bytes"]
+__all__ = [
+    "RawSMTP",
+    "RelayProcess",
+    "json",
+    "message_from_bytes",
+    "parse_outbox",
+    "require_tool",
+    "strip_received",
+]

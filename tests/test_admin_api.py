@@ -160,7 +160,7 @@ def test_status(relay, client):
     assert s["warnings"] == []
     (instance,) = relay.query("SELECT id FROM instances WHERE state = 'running'")
     assert s["instance"]["id"] == instance[0]
-    assert [i for i in s["instances"] if i["this"]][0]["id"] == instance[0]
+    assert next(i for i in s["instances"] if i["this"])["id"] == instance[0]
 
 
 def test_stats_are_the_store_figures(relay, client):

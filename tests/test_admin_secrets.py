@@ -16,7 +16,8 @@ import os
 import smtplib
 
 import pytest
-from hypothesis import HealthCheck, Phase, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import strategies as st
 
 from tests.admin_client import AdminClient
 from tests.relay import RelayProcess

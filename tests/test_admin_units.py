@@ -13,7 +13,8 @@ from pathlib import Path
 
 import attr
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtprelay import config as configuration
 from smtprelay.admin import auth, configfile, openapi, shapes, testmail
@@ -197,7 +198,7 @@ def test_rfc3339_both_ways():
 
 @given(st.datetimes(datetime.datetime(1971, 1, 1), datetime.datetime(2200, 1, 1)))
 def test_rfc3339_round_trip(moment):
-    seconds = moment.replace(tzinfo=datetime.timezone.utc, microsecond=0).timestamp()
+    seconds = moment.replace(tzinfo=datetime.UTC, microsecond=0).timestamp()
     text = shapes.rfc3339(seconds)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", text)
     assert shapes.parse_rfc3339(text) == seconds
@@ -388,7 +389,7 @@ def test_token_ok():
     assert auth.token_ok(None, "")  # no token configured
     assert auth.token_ok(b"Bearer s3cret", "s3cret")
     for header in (None, b"", b"Bearer", b"Bearer s3cre", b"Bearer s3cret2", b"Basic s3cret",
-                   b"s3cret", "Bearer sécret".encode("utf-8")):
+                   b"s3cret", "Bearer sécret".encode()):
         assert not auth.token_ok(header, "s3cret"), header
 
 

@@ -7,10 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from smtprelay.passwords import PasswordHash
-from tests.relay import REPO, TWISTD, RelayProcess, RawSMTP
+from tests.relay import REPO, TWISTD, RawSMTP, RelayProcess
 
 SMTPRELAY = str(Path(sys.executable).with_name("smtprelay"))
 

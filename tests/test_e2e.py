@@ -190,7 +190,7 @@ def test_kill_9_under_load_loses_nothing(start_relay):
     files = relay.wait_outbox(len(accepted), timeout=60)
     delivered = {}
     for f in files:
-        _, env_to, data = parse_outbox(f)
+        _, env_to, _data = parse_outbox(f)
         n = int(env_to[0][1:].split("@")[0])
         delivered.setdefault(n, 0)
         delivered[n] += 1

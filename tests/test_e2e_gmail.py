@@ -152,7 +152,7 @@ def test_attachments_byte_exact_bcc_invisible(gmail_relay, fake):
     assert sent["bcc"] == [HIDDEN]
     assert HIDDEN.encode() not in sent["delivered"]  # Gmail removes Bcc: invisible
     assert (sent["mailbox"], sent["user_id"], sent["from_rewritten"]) == (APP, APP, False)
-    relay_id, status, provider_id, _ = wait_row(relay, "<scan-0001@scanner.example.com>",
+    relay_id, _status, provider_id, _ = wait_row(relay, "<scan-0001@scanner.example.com>",
                                                 ("sent",))
     assert provider_id == sent["id"]
     assert attempts(relay, relay_id) == [("sent", f"200 id={sent['id']} "
@@ -203,7 +203,7 @@ def test_delegation_refused_defers_then_delivers(gmail_relay, fake, account):
     deadline = time.monotonic() + 20
     while "gmail credential problem" not in relay.log() and time.monotonic() < deadline:
         time.sleep(0.1)
-    relay_id, status, _, error = wait_row(relay, "<d@app.example>", ("deferred",))
+    _relay_id, _status, _, error = wait_row(relay, "<d@app.example>", ("deferred",))
     assert error.startswith("delegation not granted for denied@example.com: "
                             "unauthorized_client"), error
     assert "gmail credential problem: delegation not granted for denied@example.com" in \
@@ -228,7 +228,7 @@ def test_revoked_refresh_token_defers_and_warns(gmail_relay, fake):
                         env={"GMAIL_SECRET": user.client_secret,
                              "GMAIL_REFRESH": user.refresh_token})
     send(relay, DEFAULT, [ALICE], simple(sender=DEFAULT, message_id="<r@app.example>"))
-    relay_id, _, _, error = wait_row(relay, "<r@app.example>", ("deferred",))
+    _relay_id, _, _, error = wait_row(relay, "<r@app.example>", ("deferred",))
     assert error == ("refresh token revoked or expired: invalid_grant: Token has been expired "
                      "or revoked.")
     assert "gmail credential problem: refresh token revoked or expired" in relay.log()

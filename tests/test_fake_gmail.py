@@ -401,7 +401,7 @@ class UserOAuthTests(FakeGoogleCase):
         creds = self.credentials(user)
         yield self.refresh(creds)
         self.fake.revoke_refresh_token(user.refresh_token)
-        code, _, body = yield self.send(creds.token, message())
+        _code, _, body = yield self.send(creds.token, message())
         self.assertGoogleError(body, 401, "authError")
         yield self.assertFailure(self.refresh(creds), RefreshError)
 
@@ -612,7 +612,7 @@ class SendTests(FakeGoogleCase):
         token = yield self.user_token()
         code, _, body = yield self.send(token, message(), upload_type=None)
         self.assertGoogleError(body, 400, "badRequest")
-        code, _, body = yield self.send(token, message(), content_type="text/plain")
+        _code, _, body = yield self.send(token, message(), content_type="text/plain")
         self.assertGoogleError(
             body,
             400,
@@ -729,7 +729,7 @@ class FaultTests(FakeGoogleCase):
         )
         self.assertIsNotNone(failure)
         yield self.fake.accept_connections()
-        code, state = yield self.control("GET", "state")
+        code, _state = yield self.control("GET", "state")
         self.assertEqual(code, 200)
 
     @defer.inlineCallbacks
@@ -745,7 +745,7 @@ class FaultTests(FakeGoogleCase):
         self.fake.add_fault("send", status=500, count=None, probability=0.5)
         codes = []
         for _ in range(8):
-            code, _, body = yield self.send(token, message())
+            code, _, _body = yield self.send(token, message())
             codes.append(code)
         self.assertEqual(set(codes), {200, 500})
         self.assertEqual(len(self.fake.messages), codes.count(200))
@@ -783,7 +783,7 @@ class RateLimitTests(FakeGoogleCase):
     def test_403_user_rate_limit(self):
         token = yield self.user_token()
         self.fake.set_rate_limit(max_sends=0, window=1, status=403)
-        code, headers, body = yield self.send(token, message())
+        _code, headers, body = yield self.send(token, message())
         self.assertGoogleError(
             body, 403, "userRateLimitExceeded", status="PERMISSION_DENIED", domain="usageLimits"
         )

@@ -21,16 +21,16 @@ import threading
 import time
 
 from twisted.internet import defer, reactor
-from twisted.logger import globalLogPublisher, formatEvent
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from smtprelay.config import parse
 from smtprelay.model import Result
 from smtprelay.providers import gmail
+from smtprelay.providers.base import IProvider, OutgoingMessage
 from smtprelay.providers.gmail import classify as rules
 from smtprelay.providers.gmail import credentials as gmail_credentials
 from smtprelay.providers.gmail import requests as gmail_requests
-from smtprelay.providers.base import IProvider, OutgoingMessage
 from smtprelay.scrub import scrub_tokens
 from tests.fakes.gmail import GMAIL_SEND, FakeGoogle
 from tests.fakes.google_accounts import OAuthUser, ServiceAccountKey, new_private_key
@@ -845,7 +845,6 @@ class RulesTests(unittest.SynchronousTestCase):
 
     def test_transport_errors(self):
         import requests
-
         from google.auth import exceptions
 
         d = rules.describe_transport_error

@@ -43,7 +43,7 @@ def test_repeated_kill_9_under_load(start_relay):
     accepted = {}
     counter = iter(range(10**9))
     lock = threading.Lock()
-    for cycle in range(cycles):
+    for _cycle in range(cycles):
         port = relay.port
         stop = threading.Event()
 

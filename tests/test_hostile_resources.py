@@ -57,7 +57,7 @@ def trickle(port, results, index, interval=0.25, duration=8.0):
                     return
                 results[index] = ("closed", b"", time.monotonic() - (deadline - duration))
                 return
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 pass
         results[index] = ("survived", b"")
     except OSError as e:

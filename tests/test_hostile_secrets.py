@@ -308,7 +308,7 @@ def test_every_form_of_a_secret_is_scrubbed_from_tracebacks_at_every_level():
             out = io.StringIO()
             publisher = LogPublisher(make(out))
             log = Logger(observer=publisher)
-            for name, secret in SECRETS.items():
+            for _name, secret in SECRETS.items():
                 for kind, form in forms(secret).items():
                     quoted = f"AUTH PLAIN {form} | client_secret={form} | {kind}"
                     try:

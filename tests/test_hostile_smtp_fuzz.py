@@ -11,7 +11,6 @@ once); nothing survives STARTTLS or RSET that should not.
 
 import base64
 import re
-import ssl
 import time
 import uuid
 

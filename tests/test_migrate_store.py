@@ -187,7 +187,7 @@ def test_a_running_source_instance_is_warned_about(tmp_path, capsys):
     fill(source)
     write(source, lambda d, c: _sql.register_instance(d, c, "host/1/abc", "host", 1,
                                                       time.time() - 5, "1"))
-    code, out, err = migrate(capsys, source, f"sqlite:///{tmp_path / 'copy.db'}")
+    code, _out, err = migrate(capsys, source, f"sqlite:///{tmp_path / 'copy.db'}")
     assert code == 0
     assert err.startswith("warning: instance host/1/abc on the source may still be running")
 

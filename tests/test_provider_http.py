@@ -71,8 +71,9 @@ class ClientTests(unittest.TestCase):
         url = f"https://localhost:{self.port.getHost().port}/"
         with self.assertRaises(Exception) as info:
             yield client.get(url)
-        from smtprelay.providers._http import describe_failure
         from twisted.python.failure import Failure
+
+        from smtprelay.providers._http import describe_failure
 
         self.assertIn("TLS error", describe_failure(Failure(info.exception)))
 

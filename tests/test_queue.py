@@ -147,7 +147,7 @@ class QueueTests(QueueHarness):
         r.wake()
         yield self.settle()
         self.assertEqual((yield self.status(env)), "sent")
-        [(mid, mailbox, recipients, body)] = provider.calls
+        [(mid, _mailbox, recipients, body)] = provider.calls
         self.assertEqual((mid, recipients), (env.id, env.recipients))
         self.assertEqual(body, b"Subject: x\r\n\r\nbody 0\r\n")
 

@@ -41,7 +41,7 @@ def assert_no_forgery(relay, expected_messages):
     files = relay.outbox_files()
     assert len(files) == expected_messages, [f.read_bytes()[:300] for f in files]
     for f in files:
-        _, env_to, data = parse_outbox(f)
+        _, env_to, _data = parse_outbox(f)
         assert "forged@example.com" not in env_to
     return files
 
@@ -115,7 +115,7 @@ def test_bare_newline_variants_never_end_data(relay, ending):
         assert c.cmd("QUIT").code == 221
     files = assert_no_forgery(relay, 0 if b"\x00" in ending else 1)
     if files:
-        env_from, env_to, data = parse_outbox(files[0])
+        _env_from, env_to, data = parse_outbox(files[0])
         assert env_to == ["victim@example.com"]
         # one message, with the would-be second one inside it as text
         assert b"wire the money" in data

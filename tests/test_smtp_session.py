@@ -375,7 +375,7 @@ def test_rewrite_sends_as_default_and_keeps_the_original_as_reply_to(policy_rela
     body = b"From: Printer <printer@lobby.local>\r\nSubject: scan\r\n\r\nscan attached\r\n"
     r = send(relay, "printer@lobby.local", ["a@b.org"], body)
     assert r.code == 250
-    env_from, env_to, data = parse_outbox(relay.wait_outbox(1)[0])
+    env_from, _env_to, data = parse_outbox(relay.wait_outbox(1)[0])
     assert env_from == "relay@company.com"
     assert b"\r\nFrom: relay@company.com\r\n" in data
     assert b"\r\nReply-To: Printer <printer@lobby.local>\r\n" in data

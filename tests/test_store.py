@@ -108,7 +108,7 @@ class StoreTests:
     def test_expired_leases_are_taken_over(self):
         env = envelope()
         yield self.store.accept(env, iter([b"b"]))
-        [c] = yield self.store.claim(NOW + 1, 10, NOW + 10, 4)
+        [_c] = yield self.store.claim(NOW + 1, 10, NOW + 10, 4)
         self.assertEqual((yield self.store.claim(NOW + 5, 10, NOW + 20, 4)), [])
         [again] = yield self.store.claim(NOW + 11, 10, NOW + 30, 4)
         self.assertEqual(again.id, env.id)
@@ -117,7 +117,7 @@ class StoreTests:
     def test_finish_records_attempts_and_per_recipient_state(self):
         env = envelope()
         yield self.store.accept(env, iter([b"b"]))
-        [c] = yield self.store.claim(NOW + 1, 10, NOW + LEASE, 4)
+        [_c] = yield self.store.claim(NOW + 1, 10, NOW + LEASE, 4)
         t = transition(Status.DEFERRED, NOW + 2, {
             "a@x.org": (Result.SENT, "250 ok"),
             "b@x.org": (Result.TEMPORARY, "451 later"),
@@ -371,7 +371,7 @@ class StoreTests:
     def test_claim_takes_the_oldest_first_across_states(self):
         old = envelope(1, mailbox="one@x.org")
         yield self.store.accept(old, iter([b"b"]))
-        [c] = yield self.store.claim(NOW + 1, 10, NOW + LEASE, 4)
+        [_c] = yield self.store.claim(NOW + 1, 10, NOW + LEASE, 4)
         yield self.store.finish(old.id, transition(Status.DEFERRED, NOW + 2,
                                                    {"a@x.org": (Result.TEMPORARY, "")},
                                                    next_at=NOW + 3, outcome="deferred"))
@@ -419,7 +419,7 @@ class StoreTests:
         other = yield self.other_instance()
         env = envelope()
         yield self.store.accept(env, iter([b"b"]))
-        [c] = yield self.store.claim(NOW + 1, 10, NOW + 10, 4)
+        [_c] = yield self.store.claim(NOW + 1, 10, NOW + 10, 4)
         # the owner stops renewing (killed); until the lease ends nobody else may send
         self.assertEqual((yield other.claim(NOW + 9, 10, NOW + 40, 4)), [])
         self.assertIsNone((yield other.claim_one(env.id, NOW + 9, NOW + 40)))

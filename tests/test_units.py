@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtprelay.passwords import PasswordHash, check_password, hash_password, is_password_hash
 from smtprelay.config import Secret
+from smtprelay.passwords import PasswordHash, check_password, hash_password, is_password_hash
 from smtprelay.units import format_duration, parse_duration, parse_size
 
 

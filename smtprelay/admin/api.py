@@ -355,7 +355,7 @@ class AdminAPI:
 
     # -- configuration -----------------------------------------------------------------------------
 
-    def redacted(self, cfg: "configuration.Config | None" = None) -> Any:
+    def redacted(self, cfg: configuration.Config | None = None) -> Any:
         cfg = cfg or self.relay.config
         return shapes.json_document(configuration.redact(cfg.document))
 
@@ -364,7 +364,7 @@ class AdminAPI:
         return self.json(request, self.redacted())
 
     @route(app, "/api/config", ["PUT"])
-    def put_config(self, request: IRequest) -> "defer.Deferred[bytes]":
+    def put_config(self, request: IRequest) -> defer.Deferred[bytes]:
         body = self.body(request)
         if not isinstance(body, dict):
             raise ApiError(400, "the configuration must be a JSON object",
@@ -373,7 +373,7 @@ class AdminAPI:
 
     @defer.inlineCallbacks
     def _put_config(self, request: IRequest,
-                    body: dict[str, Any]) -> Generator["defer.Deferred[Any]", Any, bytes]:
+                    body: dict[str, Any]) -> Generator[defer.Deferred[Any], Any, bytes]:
         relay = self.relay
         current = relay.config
         if not current.path:
@@ -440,7 +440,7 @@ class AdminAPI:
         except Exception as e:
             answer = {"ok": False, "steps": [{
                 "name": "check", "ok": False,
-                "detail": ("no answer within {:.0f}s".format(CHECK_TIMEOUT)
+                "detail": (f"no answer within {CHECK_TIMEOUT:.0f}s"
                            if isinstance(e, defer.TimeoutError)
                            else _reason(e, relay.config.secrets()))}]}
         secrets = relay.config.secrets()

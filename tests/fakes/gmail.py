@@ -133,9 +133,9 @@ import sys
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import unquote, parse_qs
+from urllib.parse import parse_qs, unquote
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -369,7 +369,7 @@ def _b64_bytes_field(text):
 
 
 def _rfc3339(t):
-    dt = datetime.fromtimestamp(t, timezone.utc)
+    dt = datetime.fromtimestamp(t, UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 

@@ -1793,7 +1793,7 @@ class FakeGraph:
         }
 
     async def _get_message(self, call, request, mailbox, message):
-        token, mbx = await self._enter_mailbox(
+        _token, mbx = await self._enter_mailbox(
             call, request, mailbox, MAIL_READWRITE + ("Mail.Read",)
         )
         draft = self._draft(mbx, message)
@@ -1802,7 +1802,7 @@ class FakeGraph:
         )
 
     async def _update_message(self, call, request, mailbox, message):
-        token, mbx = await self._enter_mailbox(call, request, mailbox, MAIL_READWRITE)
+        _token, mbx = await self._enter_mailbox(call, request, mailbox, MAIL_READWRITE)
         draft = self._draft(mbx, message)
         changes = mail.message_fields(self._json_object(call), allow_attachments=False)
         draft.fields.update(changes)
@@ -1834,7 +1834,7 @@ class FakeGraph:
         draft.sessions.clear()
 
     async def _add_attachment(self, call, request, mailbox, message):
-        token, mbx = await self._enter_mailbox(call, request, mailbox, MAIL_READWRITE)
+        _token, mbx = await self._enter_mailbox(call, request, mailbox, MAIL_READWRITE)
         draft = self._draft(mbx, message)
         attachment = mail.file_attachment(self._json_object(call), "attachments")
         attachment.id = _graph_id()
