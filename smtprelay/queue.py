@@ -45,7 +45,7 @@ log = Logger()
 Observer = Callable[[Claim, Outcome, Transition], None]
 
 
-def scrubbed(outcome):
+def scrubbed(outcome: Outcome) -> Outcome:
     """``outcome`` without any configured secret in its details: a provider may quote
     back what it was sent (credentials included), and the delivery log keeps it."""
     detail = logs.scrub(outcome.detail)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import socket
 import sys
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attr
 from twisted.application import service
@@ -71,7 +71,8 @@ class RelayService(service.MultiService):
         logs.set_secrets(config.secrets())
         self.store: IStore = store or make_store(config.database, reactor,
                                                  _provider_type(config))
-        self.provider: IProvider = provider or make_provider(config, reactor)
+        self.provider: IProvider = provider if provider is not None else \
+            make_provider(config, reactor)
         self.metrics = Metrics(_provider_type(config), reactor)
         self.lockout = Lockout(reactor, config.smtp.auth.max_failures, config.smtp.auth.lockout)
         self.runner = QueueRunner(self.store, self.provider, config.delivery, reactor,
@@ -437,9 +438,12 @@ class RelayService(service.MultiService):
         # fires with the old provider once the deliveries that may be using it are done
         settled = self.runner.switch_provider(provider)
         self.metrics.provider_type = provider.type
-        defer.maybeDeferred(provider.start).addErrback(
-            lambda f: log.warn("starting the {type} provider failed: {why}",
-                               type=provider.type, why=_reason(f.value, self.config.secrets())))
+        def start_failed(f: Failure) -> None:
+            log.warn("starting the {type} provider failed: {why}",
+                     type=provider.type,
+                     why=_reason(cast(BaseException, f.value), self.config.secrets()))
+
+        defer.maybeDeferred(provider.start).addErrback(start_failed)
         settled.addCallback(lambda old: defer.maybeDeferred(old.stop))
         settled.addErrback(lambda f: log.warn("stopping the old provider failed: {why}",
                                               why=f.getErrorMessage()))

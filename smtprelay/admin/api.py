@@ -20,9 +20,9 @@ import functools
 import json
 import os
 import re
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attr
 from klein import Klein
@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -43,15 +44,24 @@ from smtprelay.intake import NotStored
 from smtprelay.model import Status, new_message_id
 from smtprelay.store import DeliveryPage, DeliveryRow
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from smtprelay.service import RelayService
+
 log = Logger()
+
+# what an inlineCallbacks handler is, as a generator
+Inline = Generator[Deferred[Any], Any, bytes]
+Handler = Callable[..., Any]
 
 JSON = b"application/json; charset=utf-8"
 PING_TIMEOUT = 5.0
 CHECK_TIMEOUT = 120.0
 
 
-def error_body(message, fields=None):
-    body = {"error": message}
+def error_body(message: str, fields: dict[str, str] | None = None) -> bytes:
+    body: dict[str, Any] = {"error": message}
     if fields is not None:
         body["fields"] = fields
     return json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -60,7 +70,8 @@ def error_body(message, fields=None):
 class ApiError(Exception):
     """An answer other than success: ``code``, a sentence, and per-field problems."""
 
-    def __init__(self, code, message, fields=None, headers=None):
+    def __init__(self, code: int, message: str, fields: dict[str, str] | None = None,
+                 headers: dict[bytes, bytes] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -68,11 +79,11 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def _shield(d):
+def _shield(d: Deferred[Any]) -> Deferred[Any]:
     """``d``'s result, but cancelling the returned Deferred does not cancel ``d``."""
-    out = defer.Deferred()
+    out: Deferred[Any] = Deferred()
 
-    def passon(result):
+    def passon(result: object) -> None:
         if not out.called:
             out.callback(result)
         return None  # once cancelled, what ``d`` ends with is not anyone's business
@@ -81,17 +92,18 @@ def _shield(d):
     return out
 
 
-def route(app, path, methods, token=True):
+def route(app: Klein, path: str, methods: list[str],
+          token: bool = True) -> Callable[[Handler], Handler]:
     """``app.route`` for one handler, with the token check and the origin guard."""
 
-    def wrap(fn):
+    def wrap(fn: Handler) -> Handler:
         @functools.wraps(fn)
-        def handler(self, request, **kw):
+        def handler(self: AdminAPI, request: IRequest, **kw: Any) -> Deferred[Any]:
             if token:
                 self.guard(request)
             return _shield(defer.maybeDeferred(fn, self, request, **kw))
 
-        handler.token_required = token
+        handler.token_required = token  # type: ignore[attr-defined]
         return app.route(path, methods=methods)(handler)
 
     return wrap
@@ -100,18 +112,18 @@ def route(app, path, methods, token=True):
 class AdminAPI:
     app = Klein()
 
-    def __init__(self, relay, clock):
+    def __init__(self, relay: RelayService, clock: IReactorTime) -> None:
         self.relay = relay
         self.clock = clock
         self._config_lock = defer.DeferredLock()
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def guard(self, request):
+    def guard(self, request: IRequest) -> None:
         token = self.relay.config.admin.token
         token_value = token.reveal() if token is not None else ""
 
-        def header(name):
+        def header(name: str) -> str | None:
             v = request.getHeader(name)
             return v.decode("latin-1") if isinstance(v, bytes) else v
 
@@ -124,13 +136,13 @@ class AdminAPI:
                            headers={b"WWW-Authenticate": b'Bearer realm="smtprelay"'})
 
     @staticmethod
-    def json(request, obj, code=200):
+    def json(request: IRequest, obj: object, code: int = 200) -> bytes:
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", JSON)
         return json.dumps(obj, ensure_ascii=False).encode("utf-8")
 
     @staticmethod
-    def body(request):
+    def body(request: IRequest) -> Any:
         data = request.content.read() if request.content is not None else b""
         if not data.strip():
             raise ApiError(400, "the request needs a JSON body", {"": "empty body"})
@@ -141,8 +153,8 @@ class AdminAPI:
                            {"": str(e).splitlines()[0][:200]}) from None
 
     @staticmethod
-    def query_args(request):
-        out = {}
+    def query_args(request: IRequest) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
         for k, values in (request.args or {}).items():
             try:
                 out[k.decode("utf-8")] = [v.decode("utf-8") for v in values]
@@ -151,14 +163,14 @@ class AdminAPI:
                     from None
         return out
 
-    def now(self):
+    def now(self) -> float:
         return self.clock.seconds()
 
     # -- errors -----------------------------------------------------------------------------
 
     @app.handle_errors(ApiError)
-    def api_error(self, request, failure):
-        e = failure.value
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        e = cast(ApiError, failure.value)
         request.setResponseCode(e.code)
         for name, value in e.headers.items():
             request.setHeader(name, value)
@@ -166,15 +178,15 @@ class AdminAPI:
         return error_body(e.message, e.fields)
 
     @app.handle_errors(shapes.ValidationError)
-    def validation_error(self, request, failure):
-        e = failure.value
+    def validation_error(self, request: IRequest, failure: Failure) -> bytes:
+        e = cast(shapes.ValidationError, failure.value)
         request.setResponseCode(400)
         request.setHeader(b"Content-Type", JSON)
         return error_body(e.message, e.fields)
 
     @app.handle_errors(HTTPException)
-    def http_error(self, request, failure):
-        e = failure.value
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        e = cast(HTTPException, failure.value)
         request.setResponseCode(e.code or 500)
         if isinstance(e, MethodNotAllowed) and e.valid_methods:
             request.setHeader(b"Allow", ", ".join(e.valid_methods).encode("ascii"))
@@ -185,14 +197,14 @@ class AdminAPI:
             return b""
         request.setHeader(b"Content-Type", JSON)
         messages = {404: "no such path", 405: "method not allowed for this path"}
-        return error_body(messages.get(e.code, e.name.lower()))
+        return error_body(messages.get(e.code or 500, e.name.lower()))
 
     @app.handle_errors(Exception)
-    def internal_error(self, request, failure):
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
         log.error("admin API: {method} {path} failed: {why}",
                   method=request.method.decode("latin-1", "replace"),
                   path=request.path.decode("latin-1", "replace"),
-                  why=_reason(failure.value, self.relay.config.secrets()))
+                  why=_reason(cast(BaseException, failure.value), self.relay.config.secrets()))
         request.setResponseCode(500)
         request.setHeader(b"Content-Type", JSON)
         return error_body("internal error; see the relay's log")
@@ -200,11 +212,11 @@ class AdminAPI:
     # -- the page -------------------------------------------------------------------------------
 
     @app.route("/", methods=["GET"])
-    def page(self, request):
+    def page(self, request: IRequest) -> bytes:
         return self._static(request, "index.html")
 
     @app.route("/static/<string:name>", methods=["GET"])
-    def static(self, request, name):
+    def static(self, request: IRequest, name: str) -> bytes:
         return self._static(request, name)
 
     _STATIC = re.compile(r"^[a-z0-9_-]+\.(html|js|css|png|svg|ico)$")
@@ -212,7 +224,7 @@ class AdminAPI:
               "css": b"text/css; charset=utf-8", "png": b"image/png",
               "svg": b"image/svg+xml", "ico": b"image/x-icon"}
 
-    def _static(self, request, name):
+    def _static(self, request: IRequest, name: str) -> bytes:
         if not self._STATIC.match(name):
             raise ApiError(404, "no such file")
         f = resources.files("smtprelay.admin").joinpath("static", name)
@@ -225,7 +237,7 @@ class AdminAPI:
 
     @app.route("/healthz", methods=["GET"])
     @defer.inlineCallbacks
-    def healthz(self, request):
+    def healthz(self, request: IRequest) -> Inline:
         problem = None
         if not self.relay.smtp_running:
             problem = "SMTP is stopped"
@@ -412,7 +424,7 @@ class AdminAPI:
 
     @route(app, "/api/users/hash-password", ["POST"])
     @defer.inlineCallbacks
-    def hash_password(self, request):
+    def hash_password(self, request: IRequest) -> Inline:
         from smtprelay.passwords import hash_password
 
         body = self.body(request)
@@ -430,7 +442,7 @@ class AdminAPI:
 
     @route(app, "/api/provider/test", ["POST"])
     @defer.inlineCallbacks
-    def provider_test(self, request):
+    def provider_test(self, request: IRequest) -> Inline:
         relay = self.relay
         try:
             d = defer.maybeDeferred(relay.provider.check)
@@ -452,7 +464,7 @@ class AdminAPI:
 
     @route(app, "/api/test-mail", ["POST"])
     @defer.inlineCallbacks
-    def test_mail(self, request):
+    def test_mail(self, request: IRequest) -> Inline:
         relay = self.relay
         to, subject = shapes.test_mail_request(self.body(request))
         cfg = relay.config
@@ -476,11 +488,11 @@ class AdminAPI:
             "detail": transition.attempt.detail,
         })
 
-    # -- SMTP on and off ---------------------------------------------------------------------------------
+    # -- SMTP on and off -------------------------------------------------------------------
 
     @route(app, "/api/smtp/start", ["POST"])
     @defer.inlineCallbacks
-    def smtp_start(self, request):
+    def smtp_start(self, request: IRequest) -> Inline:
         if not self.relay.smtp_running:
             try:
                 self.relay.start_smtp()
@@ -493,7 +505,7 @@ class AdminAPI:
 
     @route(app, "/api/smtp/stop", ["POST"])
     @defer.inlineCallbacks
-    def smtp_stop(self, request):
+    def smtp_stop(self, request: IRequest) -> Inline:
         relay = self.relay
         if relay.smtp_running:
             yield relay.close_smtp_listeners()
@@ -504,7 +516,7 @@ class AdminAPI:
         status = yield self.status()
         return self.json(request, status)
 
-    # -- metrics, the API's own description ------------------------------------------------------------------
+    # -- metrics, the API's own description -------------------------------------------------
 
     @route(app, "/metrics", ["GET"])
     @defer.inlineCallbacks
@@ -522,5 +534,5 @@ class AdminAPI:
         return relay.metrics.render()
 
     @route(app, "/api/openapi.json", ["GET"])
-    def get_openapi(self, request):
+    def get_openapi(self, request: IRequest) -> bytes:
         return self.json(request, openapi.document())

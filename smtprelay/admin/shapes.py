@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from smtprelay import policy
@@ -301,7 +301,7 @@ def instance_json(row: InstanceRow, this: bool) -> dict[str, Any]:
 # errors
 
 
-def safe_reason(e, secrets=()):
+def safe_reason(e: BaseException | str, secrets: Iterable[str | None] = ()) -> str:
     """An exception (or a text) as one line for an answer or a log line, with every
     value of ``secrets`` replaced, in each of its forms (base64, URL-encoded...): a
     library's message, or a provider's answer, may quote what it was given."""

@@ -1,23 +1,38 @@
-"""Providers: where stored messages go (Graph, Gmail API, upstream SMTP, a Maildir)."""
+"""Providers: where stored messages go (Graph, Gmail API, upstream SMTP, a Maildir).
+
+One package per type (``m365/``, ``gmail/``, ``smtp/``) and ``outbox.py``; shared
+HTTP plumbing in ``_http.py``, token threads in ``_tokens.py``, the interface in
+``base.py``.  Nothing above this package knows a provider's type but this factory.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from smtprelay.config import Config
+    from smtprelay.providers.base import IProvider
 
 
-def make_provider(config, reactor):
+def make_provider(config: Config, reactor: Any) -> IProvider:
     """The IProvider for ``config.provider`` (imported lazily: each has its own deps)."""
+    from smtprelay.config import GmailProvider, M365Provider, OutboxProvider, SMTPProvider
+
     p = config.provider
-    if p.type == "outbox":
-        from smtprelay.providers.outbox import OutboxProvider
+    if isinstance(p, OutboxProvider):
+        from smtprelay.providers.outbox import OutboxProvider as Outbox
 
-        return OutboxProvider(p.directory, reactor, hostname=config.smtp.hostname)
-    if p.type == "smtp":
-        from smtprelay.providers.smtp import SMTPProvider
+        return Outbox(p.directory, reactor, hostname=config.smtp.hostname)
+    if isinstance(p, SMTPProvider):
+        from smtprelay.providers.smtp import SMTPProvider as Upstream
 
-        return SMTPProvider(config, reactor)
-    if p.type == "m365":
+        return Upstream(config, reactor)
+    if isinstance(p, M365Provider):
         from smtprelay.providers.m365 import GraphProvider
 
         return GraphProvider(config, reactor)
-    if p.type == "gmail":
-        from smtprelay.providers.gmail import GmailProvider
+    if isinstance(p, GmailProvider):
+        from smtprelay.providers.gmail import GmailProvider as Gmail
 
-        return GmailProvider(config, reactor)
-    raise ValueError(f"unknown provider type {p.type!r}")
+        return Gmail(config, reactor)
+    raise ValueError(f"unknown provider type {getattr(p, 'type', p)!r}")

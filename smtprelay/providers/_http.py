@@ -41,7 +41,7 @@ MAX_ERROR_BODY = 64 * 1024
 class SystemAndFileTrust:
     """The platform's CA store, plus the certificates in ``ca_file`` if given."""
 
-    def __init__(self, ca_file: str | bytes = "") -> None:
+    def __init__(self, ca_file: str | bytes | None = "") -> None:
         self.ca_file = ca_file
 
     def _addCACertsToContext(self, context: SSL.Context) -> None:

@@ -26,6 +26,7 @@ from smtprelay.passwords import PasswordHash, check_password, hash_password
 
 if TYPE_CHECKING:
     from smtprelay.config import AuthConfig, User
+    from smtprelay.policy import SenderPatterns
 
 
 class IRelayUser(Interface):
@@ -36,7 +37,7 @@ class IRelayUser(Interface):
 @attr.frozen
 class AuthenticatedUser:
     name: str
-    allowed: object = None  # SenderPatterns | None
+    allowed: SenderPatterns | None = None
 
 
 def _dummy_hash() -> PasswordHash:

@@ -33,7 +33,7 @@ import base64
 import binascii
 import re
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred import credentials
 from twisted.cred import error as cred_error
@@ -726,8 +726,7 @@ class RelaySMTP(ESMTP):
     def _accept(self, t: _Transaction, spool: MessageSpool) -> defer.Deferred[Reply]:
         """The transaction's facts to the intake -> Deferred[the reply]."""
         user = self.user
-        # the realm's avatar keeps the configured user's SenderPatterns (or None)
-        allowed = cast("policy.SenderPatterns | None", user.allowed) if user else None
+        allowed = user.allowed if user else None
         facts = Transaction(
             sender=t.decision.address,
             original_sender=t.original_sender,

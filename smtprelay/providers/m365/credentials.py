@@ -127,6 +127,7 @@ class GraphTokens:
         import msal
 
         p = self._provider
+        credential: str | dict[str, str]
         if p.client_secret is not None:
             credential = p.client_secret.reveal()
         else:
@@ -173,10 +174,10 @@ class GraphTokens:
             self._stale = value
             self._token = None
 
-    def _locked(self) -> str | Deferred[str]:
+    def _locked(self) -> Deferred[str]:
         value = self.cached()
         if value is not None:  # fetched while we waited for the lock
-            return value
+            return defer.succeed(value)
         drop, self._stale = self._stale is not None, None
         d = self._threads.run(self._acquire, drop)
         d.addCallbacks(self._got, self._raised)

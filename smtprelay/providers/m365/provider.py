@@ -626,7 +626,7 @@ class GraphProvider(ProviderBase):
             raise _Failed(Outcome.temporary("creating an upload session: no uploadUrl in "
                                             "Graph's answer"))
         part = plan.parts[attachment.part]
-        chunks = mime.decoded_chunks(cast(mime.File, ctx.message.body), part, mime.UPLOAD_CHUNK)
+        chunks = mime.decoded_chunks(ctx.message.body, part, mime.UPLOAD_CHUNK)
         offset, total = 0, attachment.size
         try:
             while True:
