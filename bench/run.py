@@ -150,7 +150,8 @@ class Bench:
                         f"{fmt(ratio(row['rate'], pf.get('rate')), '.2f'):>9} "
                         f"{fmt(row['cpu_per_1000'], '.2f'):>9} {fmt(row['pss_mb']):>11}")
                 if load == "loadclient":
-                    line += (f" {fmt(row.get('p50_ms'), '.1f'):>7} {fmt(row.get('p99_ms'), '.1f'):>7}"
+                    line += (f" {fmt(row.get('p50_ms'), '.1f'):>7}"
+                             f" {fmt(row.get('p99_ms'), '.1f'):>7}"
                              f" {fmt(ratio(row.get('p99_ms'), pf.get('p99_ms')), '.2f'):>13}")
                 lines.append(line)
             lines.append("")

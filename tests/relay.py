@@ -152,7 +152,9 @@ class RelayProcess:
         if not self.log_path.exists():
             return ""
         data = self.log_path.read_bytes()
-        return data.decode("utf-8", "replace") if whole else data[self._log_offset:].decode("utf-8", "replace")
+        if whole:
+            return data.decode("utf-8", "replace")
+        return data[self._log_offset:].decode("utf-8", "replace")
 
     @property
     def outbox(self):
@@ -328,9 +330,12 @@ def require_tool(name):
     (CI sets SMTPRELAY_REQUIRE_TOOLS=1, which turns the skip into a failure)."""
     import pytest
 
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None
+    )
     if path is None:
-        message = f"{name} is not installed (apt-get install {'postfix' if name.startswith('smtp-') else name})"
+        package = "postfix" if name.startswith("smtp-") else name
+        message = f"{name} is not installed (apt-get install {package})"
         if os.environ.get("SMTPRELAY_REQUIRE_TOOLS"):
             pytest.fail(message)
         pytest.skip(message)

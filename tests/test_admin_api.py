@@ -116,7 +116,8 @@ def test_every_protected_path_needs_the_token(relay, client):
     assert len(calls) >= 15
     for method, path in calls:
         for token in (None, "wrong-token", TOKEN + "x", TOKEN[:-1], ""):
-            a = client.call(method, path, token=token, body={} if method in ("PUT", "POST") else None)
+            a = client.call(method, path, token=token,
+                            body={} if method in ("PUT", "POST") else None)
             assert a.status == 401, (method, path, token, a)
             assert a.json == {"error": "unauthorized"}
             assert a.headers["www-authenticate"].startswith("Bearer")
@@ -135,7 +136,8 @@ def test_unknown_path_wrong_method_large_body_bad_json(relay, client):
     big = b'{"x": "' + b"a" * 1_100_000 + b'"}'
     a = client.call("PUT", "/api/config", raw=big, headers={"Content-Type": "application/json"})
     assert a.status == 413 and "larger than" in a.json["error"]
-    a = client.call("POST", "/api/test-mail", raw=b"{not json", headers={"Content-Type": "application/json"})
+    a = client.call("POST", "/api/test-mail", raw=b"{not json",
+                    headers={"Content-Type": "application/json"})
     assert a.status == 400 and a.json["error"] == "the body is not valid JSON"
     a = client.call("PUT", "/api/config", raw=b"[1, 2]")
     assert a.status == 400 and "object" in a.json["error"]
@@ -207,9 +209,12 @@ def test_metrics(relay, client):
     a = client.get("/metrics")
     assert a.status == 200 and a.headers["content-type"].startswith("text/plain")
     text = a.text
-    smtp_received = relay.query("SELECT COUNT(*), SUM(size) FROM messages WHERE helo != 'admin-api'")[0]
-    assert metric(text, "smtprelay_received_messages_total", '{provider="outbox"}') == smtp_received[0]
-    assert metric(text, "smtprelay_received_bytes_total", '{provider="outbox"}') == smtp_received[1]
+    smtp_received = relay.query(
+        "SELECT COUNT(*), SUM(size) FROM messages WHERE helo != 'admin-api'")[0]
+    assert (metric(text, "smtprelay_received_messages_total", '{provider="outbox"}')
+            == smtp_received[0])
+    assert (metric(text, "smtprelay_received_bytes_total", '{provider="outbox"}')
+            == smtp_received[1])
     sent = relay.query("SELECT COUNT(*), SUM(size) FROM messages WHERE status = 'sent'")[0]
     assert metric(text, "smtprelay_sent_messages_total", '{provider="outbox"}') == sent[0]
     assert metric(text, "smtprelay_sent_bytes_total", '{provider="outbox"}') == sent[1]
@@ -324,7 +329,7 @@ def test_delivery_query_errors_name_the_field(relay, client, query, field):
     assert a.json["error"] and field in a.json["fields"]
 
 
-# --- provider test, test mail ------------------------------------------------------------------------
+# --- provider test, test mail ---
 
 
 def test_provider_test(relay, client):
@@ -348,7 +353,8 @@ def test_test_mail_is_a_real_message_through_the_provider(relay, client):
     assert m["To"] == "admin@example.org"
     assert m["From"].addresses[0].addr_spec == "relay@example.com"
     assert m["Date"] and m["Message-ID"].startswith(f"<{a['delivery_id']}.")
-    assert data.startswith(b"Received: from admin-api ([127.0.0.1])\r\n\tby relay.test (smtprelay) with HTTP")
+    assert data.startswith(b"Received: from admin-api ([127.0.0.1])\r\n"
+                           b"\tby relay.test (smtprelay) with HTTP")
     # it is in the delivery log like any other message
     d = client.ok("GET", f"/api/deliveries/{a['delivery_id']}")
     assert d["status"] == "sent" and d["recipients"] == ["admin@example.org"]
@@ -368,7 +374,7 @@ def test_test_mail_validation(relay, client, body, field):
     assert a.status == 400 and field in a.json["fields"], a
 
 
-# --- SMTP on and off -------------------------------------------------------------------------------
+# --- SMTP on and off ---
 
 
 def refused(port):
@@ -413,7 +419,7 @@ def test_openapi_document_is_served(relay, client):
     assert doc == openapi.document()
 
 
-# --- retry and cancel, with a provider that fails ------------------------------------------------------
+# --- retry and cancel, with a provider that fails ---
 
 
 @pytest.fixture(scope="module")

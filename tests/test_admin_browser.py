@@ -163,7 +163,8 @@ def test_no_secret_is_rendered(signed_in, relay):
 
 def test_every_control_has_a_name_and_the_keyboard_reaches_it(signed_in):
     page = signed_in
-    unnamed = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea, button')]
+    unnamed = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea, button')]
         .filter(e => e.offsetParent !== null)
         .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
                      && !(e.tagName === 'BUTTON' && e.textContent.trim()))
@@ -181,7 +182,7 @@ def test_every_control_has_a_name_and_the_keyboard_reaches_it(signed_in):
     page.locator("#state", has_text="stopped").wait_for()
 
 
-# --- state, figures, screenshot --------------------------------------------------------------------
+# --- state, figures, screenshot ---
 
 
 def test_main_view_shows_true_figures(signed_in, relay, api, tmp_path):
@@ -224,7 +225,8 @@ def test_a_warning_banner_per_warning(signed_in, relay, api):
     banner = page.locator("#warnings .banner", has_text="failing since")
     banner.wait_for()
     assert banner.get_attribute("role") == "alert"
-    assert page.locator("#warnings .banner").count() == len(api.ok("GET", "/api/status")["warnings"])
+    assert (page.locator("#warnings .banner").count()
+            == len(api.ok("GET", "/api/status")["warnings"]))
 
 
 def test_stop_and_start_smtp(signed_in, api):
@@ -244,7 +246,7 @@ def test_stop_and_start_smtp(signed_in, api):
     send(api, "after start")
 
 
-# --- configuration -------------------------------------------------------------------------------------
+# --- configuration ---
 
 
 def test_bad_port_shows_a_field_error_then_a_good_configuration_saves(signed_in, relay, api):
@@ -294,14 +296,15 @@ def test_a_new_smtp_user_from_the_page(signed_in, relay, api):
     page.locator("#config-status", has_text="Saved").wait_for()
     doc = tomllib.loads(relay.config_path.read_text())
     printer = doc["smtp"]["auth"]["users"]["printer"]
-    assert printer["password"].startswith("$scrypt$") and printer["allowed"] == ["printer@example.com"]
+    assert (printer["password"].startswith("$scrypt$")
+            and printer["allowed"] == ["printer@example.com"])
     assert "printer-pass-77" not in relay.config_path.read_text()
     with smtplib.SMTP("127.0.0.1", smtp_port(api), timeout=30) as s:
         s.login("printer", "printer-pass-77")
         s.sendmail("printer@example.com", ["x@example.org"], "Subject: p\r\n\r\nhi\r\n")
 
 
-# --- tests and the delivery log -------------------------------------------------------------------------
+# --- tests and the delivery log ---
 
 
 def test_test_connection_shows_its_steps(signed_in):

@@ -127,7 +127,8 @@ def test_no_secret_in_any_answer_or_log_line(tmp_path_factory, token, literal, f
         relay.stop()
     assert len(answers) > 20
     for a in answers:
-        parsed = a.json if a.headers.get("content-type", "").startswith("application/json") else None
+        is_json = a.headers.get("content-type", "").startswith("application/json")
+        parsed = a.json if is_json else None
         assert not leaks(secrets, a.text, parsed), a
         assert not leaks(secrets, " ".join(f"{k}: {v}" for k, v in a.headers.items()))
     log = relay.log(whole=True)

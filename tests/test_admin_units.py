@@ -133,7 +133,8 @@ def test_old_messages_in_the_queue():
     old = w.Snapshot(now=NOW, pending=3, oldest_pending_at=NOW - 7200)
     assert codes(young) == []
     (found,) = w.collect(old)
-    assert found.code == "queue-old" and "3 messages" in found.message and "2.0 hours" in found.message
+    assert (found.code == "queue-old" and "3 messages" in found.message
+            and "2.0 hours" in found.message)
 
 
 def test_queue_growing_needs_time_and_size():
@@ -415,7 +416,7 @@ def test_foreign_requests():
     assert ok("evil.example:8025", None, None, False)
 
 
-# --- the configuration file ------------------------------------------------------------------------
+# --- the configuration file ---
 
 
 def test_render_unchanged_document_is_byte_identical():
@@ -478,7 +479,7 @@ def test_prepare_and_commit_are_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["relay.toml"]
 
 
-# --- the test message ------------------------------------------------------------------------------------
+# --- the test message ---
 
 
 def test_test_message_is_proper_rfc5322():
@@ -498,7 +499,7 @@ def test_test_message_is_proper_rfc5322():
     assert "relay.test" in m.get_content()
 
 
-# --- OpenAPI against the routes ---------------------------------------------------------------------------
+# --- OpenAPI against the routes ---
 
 
 def klein_routes():
@@ -587,7 +588,8 @@ def test_safe_reason_scrubs_secrets_and_keeps_one_line():
     assert shapes.safe_reason(RuntimeError()) == "RuntimeError"
     missing = ImportError("No module named 'smtprelay.providers.smtp'",
                           name="smtprelay.providers.smtp")
-    assert shapes.safe_reason(missing) == "not available in this installation (smtprelay.providers.smtp)"
+    assert shapes.safe_reason(missing) == (
+        "not available in this installation (smtprelay.providers.smtp)")
 
 
 def test_a_non_loopback_admin_listener_needs_a_token():

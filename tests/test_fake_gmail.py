@@ -610,7 +610,7 @@ class SendTests(FakeGoogleCase):
     @defer.inlineCallbacks
     def test_upload_shape_checked(self):
         token = yield self.user_token()
-        code, _, body = yield self.send(token, message(), upload_type=None)
+        _code, _, body = yield self.send(token, message(), upload_type=None)
         self.assertGoogleError(body, 400, "badRequest")
         _code, _, body = yield self.send(token, message(), content_type="text/plain")
         self.assertGoogleError(

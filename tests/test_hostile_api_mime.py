@@ -42,7 +42,8 @@ recipient_values = st.one_of(
     line(160),
     st.sampled_from([
         b"undisclosed-recipients:;", b"team: ann@example.com, outsider@example.com;",
-        b'"Ann, the one" <ann@example.com>', b"ann@example.com (comment", b'"open <ann@example.com>',
+        b'"Ann, the one" <ann@example.com>', b"ann@example.com (comment",
+        b'"open <ann@example.com>',
         b"=?utf-8?b?w6lsw6huZQ==?= <carl@example.net>", b"\xe9l\xe8ne <carl@example.net>",
         b"<@relay.example:ann@example.com>", b"ann@example.com,,, ,", b"<>", b"@", b"a@b@c",
         b"Ann <ann@example.com>\r\n\t, Bob <bob@example.org>", b"ANN@EXAMPLE.COM",

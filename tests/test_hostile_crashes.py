@@ -47,7 +47,7 @@ def test_repeated_kill_9_under_load(start_relay):
         port = relay.port
         stop = threading.Event()
 
-        def client():
+        def client(stop=stop, port=port):
             while not stop.is_set():
                 with lock:
                     n = next(counter)

@@ -122,7 +122,8 @@ def start(tmp_path, provider, admin_token, env=None, logger=None, extra=None):
     (tmp_path / "pw.txt").write_text(USERS["file"] + "\n")
     config = {
         "admin": {"listen": "127.0.0.1:0", "token": admin_token},
-        "smtp": {"auth": {"max_failures": 50, "users": {"lit": USERS["lit"], "env": {"env": "T_USER_PW"},
+        "smtp": {"auth": {"max_failures": 50,
+                          "users": {"lit": USERS["lit"], "env": {"env": "T_USER_PW"},
                                     "file": {"file": str(tmp_path / "pw.txt")}}}},
         "delivery": {"retry": ["1s"], "max_age": "60s"},
     }

@@ -56,7 +56,8 @@ bad_address = st.one_of(
 ).map(lambda a: a.replace("\r", "").replace("\n", ""))  # a line break would be two commands
 garbage_line = st.one_of(
     st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")),
-    st.text(max_size=100).map(lambda t: t.encode("utf-8", "replace").replace(b"\n", b"").replace(b"\r", b"")),
+    st.text(max_size=100).map(
+        lambda t: t.encode("utf-8", "replace").replace(b"\n", b"").replace(b"\r", b"")),
     st.sampled_from([b"GET / HTTP/1.1", b"\x00\x00\x00", b"MAIL", b"RCPT TO", b"AUTH",
                      b"STARTTLS extra", b"HELO", b"QUIT now", b"DATA\x00", b"\xff\xfe\xfd"]),
 )

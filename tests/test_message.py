@@ -54,7 +54,8 @@ def test_header_parsing_never_raises(data):
 
 def test_received_header():
     h = msg.received_header(b"scanner\r\nX-Evil: 1", "10.0.0.5", "relay.test", "ID1", "ESMTPSA", 0)
-    assert h.startswith(b"Received: from scannerX-Evil:1 ([10.0.0.5])\r\n\tby relay.test (smtprelay) with ESMTPSA id ID1;\r\n\t")
+    assert h.startswith(b"Received: from scannerX-Evil:1 ([10.0.0.5])\r\n"
+                        b"\tby relay.test (smtprelay) with ESMTPSA id ID1;\r\n\t")
     assert h.endswith(b"GMT\r\n")
     assert b"for " not in h  # a "for" clause would show Bcc recipients
     assert msg.smtp_protocol(True, True, True) == "ESMTPSA"

@@ -16,7 +16,8 @@ def claim(attempts=0, recipients=("a@x.org", "b@x.org"), age_from=0.0, mode="que
 
 
 def test_waits_follow_the_list_and_the_last_repeats():
-    assert [retry_wait(RETRY, n) for n in range(1, 9)] == [60, 300, 900, 3600, 14400, 14400, 14400, 14400]
+    assert [retry_wait(RETRY, n) for n in range(1, 9)] == [
+        60, 300, 900, 3600, 14400, 14400, 14400, 14400]
 
 
 def test_sent():

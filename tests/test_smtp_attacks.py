@@ -152,7 +152,8 @@ def test_bare_newlines_rejected_when_configured(start_relay):
     (["AUTH LOGIN", "%%%"], replies.AUTH_BAD_BASE64),
     (["AUTH CRAM-MD5"], replies.AUTH_MECHANISM_UNKNOWN),
     # raw bytes, not the table: a wrong table entry must still fail a test
-    (["AUTH PLAIN " + b64(b"\xff\xfe\0\xff\0\xff")], "535 5.7.8 Authentication credentials invalid"),
+    (["AUTH PLAIN " + b64(b"\xff\xfe\0\xff\0\xff")],
+     "535 5.7.8 Authentication credentials invalid"),
     (["AUTH PLAIN " + "A" * 20000], replies.LINE_TOO_LONG),
 ])
 def test_malformed_auth_gets_a_reply_not_a_dropped_connection(start_relay, lines, reply):
@@ -283,7 +284,8 @@ def test_auth_is_not_accepted_over_plaintext_from_afar(start_relay):
         c.reply()
         c.cmd("EHLO x")
         r = c.cmd("AUTH PLAIN " + b64(b"\0app\0right-password"))
-        assert (r.code, r.enhanced) == (replies.ENCRYPTION_REQUIRED.code, replies.ENCRYPTION_REQUIRED.status)
+        assert (r.code, r.enhanced) == (replies.ENCRYPTION_REQUIRED.code,
+                                        replies.ENCRYPTION_REQUIRED.status)
 
 
 def test_after_auth_not_every_sender_is_accepted(start_relay):

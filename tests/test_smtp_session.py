@@ -195,7 +195,8 @@ def test_outside_allowed_networks_is_refused_at_connect(start_relay):
     relay = start_relay({"smtp": {"listen": "0.0.0.0:0", "allowed_networks": ["127.0.0.0/8"]}})
     with RawSMTP(relay.port, host=address) as c:
         r = c.reply()
-        assert (r.code, r.enhanced) == (replies.NETWORK_REFUSED.code, replies.NETWORK_REFUSED.status)
+        assert (r.code, r.enhanced) == (replies.NETWORK_REFUSED.code,
+                                        replies.NETWORK_REFUSED.status)
         assert c.closed()
     with RawSMTP(relay.port) as c:
         assert c.reply().code == 220
@@ -222,7 +223,8 @@ def test_auth_plain_with_and_without_initial_response(auth_relay):
         assert c.cmd("MAIL FROM:<a@example.com>").lines == [str(replies.AUTH_REQUIRED)]
         r = c.cmd("AUTH PLAIN " + b64(b"\0app\0s3cret-pass"))
         assert r.lines == [str(replies.AUTH_OK)]
-        assert c.cmd("AUTH PLAIN " + b64(b"\0app\0s3cret-pass")).lines == [str(replies.ALREADY_AUTHENTICATED)]
+        assert (c.cmd("AUTH PLAIN " + b64(b"\0app\0s3cret-pass")).lines
+                == [str(replies.ALREADY_AUTHENTICATED)])
         assert c.cmd("MAIL FROM:<a@example.com>").code == 250
     with session(auth_relay) as c:
         assert c.cmd("AUTH PLAIN").lines == [str(replies.AUTH_CONTINUE)]
@@ -289,7 +291,8 @@ def test_plaintext_auth_is_not_offered_off_loopback(start_relay):
         c.reply()
         ext = [line[4:] for line in c.cmd("EHLO x").lines[1:]]
         assert not any(e.startswith("AUTH") for e in ext)
-        assert c.cmd("AUTH PLAIN " + b64(b"\0app\0s3cret-pass")).lines == [str(replies.ENCRYPTION_REQUIRED)]
+        assert (c.cmd("AUTH PLAIN " + b64(b"\0app\0s3cret-pass")).lines
+                == [str(replies.ENCRYPTION_REQUIRED)])
         assert c.cmd("MAIL FROM:<a@example.com>").code == 530
 
 
@@ -357,7 +360,8 @@ def test_envelope_sender_outside_the_list_is_rejected(policy_relay):
 
 def test_header_from_outside_the_list_is_rejected(policy_relay):
     relay = policy_relay()
-    r = send(relay, "app@company.com", ["a@b.org"], b"From: ceo@evil.org\r\nSubject: x\r\n\r\nhi\r\n")
+    r = send(relay, "app@company.com", ["a@b.org"],
+             b"From: ceo@evil.org\r\nSubject: x\r\n\r\nhi\r\n")
     assert r.lines == ["550 5.7.1 Sender not allowed in From header"]
     r = send(relay, "app@company.com", ["a@b.org"], b"From: garbage\r\n\r\nhi\r\n")
     assert r.code == 550
@@ -381,7 +385,8 @@ def test_rewrite_sends_as_default_and_keeps_the_original_as_reply_to(policy_rela
     assert b"\r\nReply-To: Printer <printer@lobby.local>\r\n" in data
     assert data.endswith(b"Subject: scan\r\nFrom: relay@company.com\r\n"
                          b"Reply-To: Printer <printer@lobby.local>\r\n\r\nscan attached\r\n")
-    assert b"lobby.local" not in data.split(b"\r\n\r\n", 1)[0].split(b"Reply-To")[0].split(b"Received")[1]
+    head = data.split(b"\r\n\r\n", 1)[0]
+    assert b"lobby.local" not in head.split(b"Reply-To")[0].split(b"Received")[1]
 
 
 # --- direct mode -----------------------------------------------------------------------------

@@ -333,7 +333,8 @@ class StoreTests:
 
     def _set_pid(self, store, instance_id, pid):
         def run(conn):
-            store.dialect.execute(conn, "UPDATE instances SET pid = ?, state = 'running' WHERE id = ?",
+            store.dialect.execute(conn,
+                                  "UPDATE instances SET pid = ?, state = 'running' WHERE id = ?",
                                   (pid, instance_id))
         return store._write(run)
 

@@ -37,6 +37,7 @@ def report_lines():
         if k in figures or k in always:
             value = f"{figures.get(k, 0)}"
             if k == "duplicates":
-                value += f"  ({figures.get('ambiguous outcomes', 0)} ambiguous outcomes explain them)"
+                ambiguous = figures.get("ambiguous outcomes", 0)
+                value += f"  ({ambiguous} ambiguous outcomes explain them)"
             lines.append(f"  {k:<{width}}  {value}")
     return lines
