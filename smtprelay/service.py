@@ -69,8 +69,8 @@ class RelayService(service.MultiService):
         self.clock = reactor
         self.started_at: float | None = None
         logs.set_secrets(config.secrets())
-        self.store: IStore = store or make_store(config.database, reactor,
-                                                 _provider_type(config))
+        self.store: IStore = store if store is not None else \
+            make_store(config.database, reactor)
         self.provider: IProvider = provider if provider is not None else \
             make_provider(config, reactor)
         self.metrics = Metrics(_provider_type(config), reactor)
@@ -438,6 +438,7 @@ class RelayService(service.MultiService):
         # fires with the old provider once the deliveries that may be using it are done
         settled = self.runner.switch_provider(provider)
         self.metrics.provider_type = provider.type
+
         def start_failed(f: Failure) -> None:
             log.warn("starting the {type} provider failed: {why}",
                      type=provider.type,

@@ -30,13 +30,8 @@ if TYPE_CHECKING:
 
 
 def make_store(database: DatabaseConfig, reactor: IReactorFromThreads,
-               provider_type: str = "", hostname: str | None = None) -> ThreadedSQLStore:
-    """The IStore for ``database`` (a DatabaseConfig).
-
-    ``provider_type`` is accepted and ignored: the store no longer labels what
-    it returns (the admin API adds the configured provider itself).
-    """
-    del provider_type
+               hostname: str | None = None) -> ThreadedSQLStore:
+    """The IStore for ``database`` (a DatabaseConfig)."""
     if database.kind == "postgresql":
         from smtprelay.store.postgres import PostgresStore
 
