@@ -22,34 +22,26 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-import attr
+from smtprelay import replies
 
-# Module globals under the names the hot loops below were written with.
+# module globals under the names the hot loops below were written with
 from smtprelay.dotstuff import CR as _CR
 from smtprelay.dotstuff import LF as _LF
 from smtprelay.dotstuff import has_long_line as _has_long_line
+from smtprelay.replies import Reply
 
 _END = b"\r\n.\r\n"
 # The bytes after which the careful path must stop and think.
 _SPECIAL = re.compile(rb"[\r\n\x00]")
 
 
-@attr.frozen
-class DataError:
-    """Why a message body is refused: the SMTP reply to give at end of data."""
-
-    code: int
-    status: str
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.status} {self.text}"
-
-
-NUL_NOT_ALLOWED = DataError(550, "5.6.0", "NUL character not allowed")
-BARE_NEWLINE_NOT_ALLOWED = DataError(550, "5.6.0", "Bare CR or LF not allowed")
-LINE_TOO_LONG = DataError(500, "5.5.6", "Line too long")
-MESSAGE_TOO_BIG = DataError(552, "5.3.4", "Message size exceeds fixed limit")
+# Why a message body is refused: the SMTP reply to give at end of data (the
+# replies themselves are in the relay's one table)
+DataError = Reply
+NUL_NOT_ALLOWED = replies.NUL_NOT_ALLOWED
+BARE_NEWLINE_NOT_ALLOWED = replies.BARE_NEWLINE_NOT_ALLOWED
+LINE_TOO_LONG = replies.LINE_TOO_LONG_IN_DATA
+MESSAGE_TOO_BIG = replies.MESSAGE_TOO_BIG
 
 
 class FeedResult(NamedTuple):

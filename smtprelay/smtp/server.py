@@ -701,7 +701,7 @@ class RelaySMTP(ESMTP):
             log.warn("message from {host} refused at end of data: {code} {status} {text}",
                      host=self.peer_host, code=e.code, status=e.status, text=e.text)
             spool.close()
-            self.reply(Reply(e.code, e.status, e.text))
+            self.reply(e)
             return
         if failure is not None:
             log.error("spooling a message failed: {why}", why=failure)
