@@ -2,7 +2,7 @@
 
 Owns what ``provider.type = "gmail"`` does with one message (``providers.md``,
 section gmail): the header block reconciled with the envelope
-(:mod:`smtprelay.reconcile`), a token from
+(:mod:`smtprelay.recipients`), a token from
 :class:`~smtprelay.providers.gmail.credentials.GmailTokens` (refreshed once more
 on a 401), the upload by :class:`~smtprelay.providers.gmail.requests.GmailRequests`
 (up to 35 MiB; Gmail's message id becomes the delivery's provider id), and the
@@ -41,7 +41,7 @@ from smtprelay.providers.base import (
 from smtprelay.providers.gmail import classify as rules
 from smtprelay.providers.gmail.credentials import Credential, GmailTokens, TokenProblem
 from smtprelay.providers.gmail.requests import GmailRequests, read_head, without_token
-from smtprelay.reconcile import reconcile
+from smtprelay.recipients import reconcile
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
