@@ -120,18 +120,22 @@ class Intake:
 
     # -- SMTP ------------------------------------------------------------------------------
 
-    def receive(self, facts: Transaction, spool: MessageSpool) -> defer.Deferred[Reply]:
+    def receive(self, facts: Transaction, spool: MessageSpool,
+                config: Config | None = None) -> defer.Deferred[Reply]:
         """A message received over SMTP -> Deferred[the reply to give].
 
+        ``config`` is the one the session judged the envelope by (it keeps the
+        configuration it started with): the message is judged by the same one.
         Fails only on an unexpected error (the session answers 451 then); a
         storage failure is a 451 reply."""
-        return defer.Deferred.fromCoroutine(self._receive(facts, spool))
+        return defer.Deferred.fromCoroutine(
+            self._receive(facts, spool, config if config is not None else self.config))
 
-    async def _receive(self, facts: Transaction, spool: MessageSpool) -> Reply:
+    async def _receive(self, facts: Transaction, spool: MessageSpool, config: Config) -> Reply:
         summary = msg.summarize(spool.header_block)
         header_block: bytes | None = None
-        if self.config.sender.check_header_from:
-            checked = self._check_header_from(facts, summary, spool.header_block)
+        if config.sender.check_header_from:
+            checked = self._check_header_from(config, facts, summary, spool.header_block)
             if isinstance(checked, Reply):
                 return checked
             header_block = checked
@@ -139,12 +143,12 @@ class Intake:
         message_id = new_message_id(now)
         received = msg.received_header(
             facts.helo.encode("ascii", "replace") if facts.helo else b"",
-            facts.client_address, self.config.smtp.hostname, message_id, facts.protocol, now,
+            facts.client_address, config.smtp.hostname, message_id, facts.protocol, now,
         )
         size = len(received) + spool.size
         if header_block is not None:
             size += len(header_block) - len(spool.header_block)
-        sender_cfg = self.config.sender
+        sender_cfg = config.sender
         envelope = self._envelope(
             facts, message_id, now, size,
             # one spelling per mailbox: back-off and concurrency are counted by it
@@ -159,14 +163,15 @@ class Intake:
         data = (b"".join(spool.chunks(received, header_block))
                 if size <= HAND_OFF_BYTES else None)
         body = [data] if data is not None else spool.chunks(received, header_block)
+        lease = config.delivery.lease
         if facts.mode == "direct":
-            return await self._receive_direct(envelope, body)
-        return await self._queue(envelope, body, data)
+            return await self._receive_direct(envelope, body, lease)
+        return await self._queue(envelope, body, data, lease)
 
-    def _check_header_from(self, facts: Transaction, summary: msg.HeaderSummary,
-                           block: bytes) -> Reply | bytes | None:
+    def _check_header_from(self, config: Config, facts: Transaction,
+                           summary: msg.HeaderSummary, block: bytes) -> Reply | bytes | None:
         """sender.check_header_from -> a refusal, a rewritten header block, or None (fine)."""
-        sender_cfg = self.config.sender
+        sender_cfg = config.sender
         user_allowed = facts.user.allowed if facts.user is not None else None
 
         def refused(address: str) -> bool:
@@ -209,12 +214,12 @@ class Intake:
         )
 
     async def _queue(self, envelope: Envelope, body: Iterable[bytes],
-                     data: bytes | None) -> Reply:
+                     data: bytes | None, lease: float) -> Reply:
         """Queue mode: store; hand the message to a delivery slot reserved for it, or
         wake the runner."""
         runner = self.runner
         now = envelope.received_at
-        lease_until = now + self.config.delivery.lease
+        lease_until = now + lease
         claim = None
         reserved = runner is not None and runner.reserve(envelope.mailbox)
         try:
@@ -239,9 +244,10 @@ class Intake:
                 runner.queued(envelope.mailbox)
         return replies.QUEUED.format(id=envelope.id)
 
-    async def _receive_direct(self, envelope: Envelope, body: Iterable[bytes]) -> Reply:
+    async def _receive_direct(self, envelope: Envelope, body: Iterable[bytes],
+                              lease: float) -> Reply:
         try:
-            await self._store_leased(envelope, body)
+            await self._store_leased(envelope, body, lease)
         except StoreUnavailable as e:
             log.error("storing a message failed: {why}", why=e)
             return replies.STORAGE_FAILURE
@@ -259,10 +265,10 @@ class Intake:
 
     # -- direct mode -------------------------------------------------------------------------
 
-    async def _store_leased(self, envelope: Envelope, body: Iterable[bytes]) -> None:
+    async def _store_leased(self, envelope: Envelope, body: Iterable[bytes],
+                            lease: float) -> None:
         """Store a direct-mode message already leased to this instance."""
-        await self.store.accept(envelope, body,
-                                lease_until=envelope.received_at + self.config.delivery.lease)
+        await self.store.accept(envelope, body, lease_until=envelope.received_at + lease)
 
     async def _deliver_direct(self, envelope: Envelope) -> Transition:
         """The reply waits for the provider (bounded by delivery.direct_timeout)."""
@@ -290,7 +296,7 @@ class Intake:
                              message_id=message.message_id),
         )
         try:
-            await self._store_leased(envelope, [message.data])
+            await self._store_leased(envelope, [message.data], self.config.delivery.lease)
         except StoreUnavailable as e:
             raise NotStored(str(e)) from e
         log.info("{id} test message to {to} from the admin API", id=envelope.id,

@@ -737,7 +737,8 @@ class RelaySMTP(ESMTP):
             protocol=msg.smtp_protocol(self.esmtp, self.tls_active, self.authenticated),
             mode=self.config.delivery.mode,
         )
-        return self.door.intake.receive(facts, spool)
+        # judged by the configuration the session started with, as its envelope was
+        return self.door.intake.receive(facts, spool, self.config)
 
 
 def _parse_path(rest: str, keyword: str) -> tuple[str, list[tuple[str, str]]] | None:
@@ -802,8 +803,9 @@ class FrontDoor:
               portal: Portal) -> None:
         """Serve new sessions with a new configuration, TLS context and cred portal
         (each built by the caller, where building may fail).  Sessions in progress
-        keep what they started with for their TLS and login; limits read from
-        ``config`` apply to them from their next command."""
+        keep the configuration, TLS context and login they started with, and their
+        messages are judged by it; the door's own limits (stress, idle timeout)
+        follow the new configuration at once."""
         self.config = config
         self.hostname = config.smtp.hostname
         self.tls_context = tls_context
