@@ -1,16 +1,24 @@
-"""The intake (smtprelay.intake) without a network: fakes for the store and the runner,
-and the reply table (smtprelay.replies) against the contract's raw bytes."""
+"""The intake (smtprelay.intake) on the real road: a SQLite store in a temporary folder
+and the queue runner on a fake clock, with a scripted provider at the IProvider boundary
+(tests/queue_support.py); and the reply table (smtprelay.replies) against the
+contract's raw bytes."""
+
+from email.utils import formatdate
 
 import pytest
-from twisted.internet import defer
-from twisted.internet.task import Clock
+from twisted.internet import defer, reactor
 
 from smtprelay import replies
 from smtprelay.config import parse
 from smtprelay.intake import AuthUser, Intake, NotStored, Prepared, Transaction, direct_reply
-from smtprelay.model import Attempt, Claim, Result, Status, Transition
+from smtprelay.metrics import Metrics
+from smtprelay.model import Attempt, Outcome, Result, Status, Transition
 from smtprelay.smtp.spool import MessageSpool
-from smtprelay.store.interface import StoreUnavailable
+from smtprelay.store import DeliveryQuery
+from smtprelay.store.sqlite import SQLiteStore
+from tests.queue_support import T0, QueueHarness, ScriptedProvider
+from tests.store_support import envelope
+from tests.store_support import transition as outcome_of
 
 BODY = (b"From: app@example.com\r\nTo: to@example.org\r\nSubject: Hi\r\n"
         b"Message-ID: <m1@example.com>\r\n\r\nhello\r\n")
@@ -64,69 +72,11 @@ def test_direct_reply():
         == "554 5.0.0 Delivery failed"
 
 
-# -- the road: store, hand-off, direct ----------------------------------------------------------
-
-class FakeStore:
-    instance_id = "test-instance"
-
-    def __init__(self, fail=False, claim=True):
-        self.fail = fail
-        self.claim = claim
-        self.calls = []
-
-    def accept(self, envelope, body, lease_until=None):
-        self.calls.append(("accept", envelope, b"".join(body), lease_until))
-        if self.fail:
-            return defer.fail(StoreUnavailable("disk full"))
-        return defer.succeed(None)
-
-    def accept_and_claim(self, envelope, body, now, lease_until, concurrency):
-        self.calls.append(("accept_and_claim", envelope, b"".join(body), lease_until))
-        if self.fail:
-            return defer.fail(StoreUnavailable("disk full"))
-        if not self.claim:
-            return defer.succeed(None)
-        return defer.succeed(Claim(id=envelope.id, sender=envelope.sender,
-                                   mailbox=envelope.mailbox, recipients=envelope.recipients,
-                                   age_from=now, size=envelope.size, attempts=0))
-
-
-class FakeRunner:
-    claim_limit = 4
-
-    def __init__(self, reserve=True):
-        self.can_reserve = reserve
-        self.events = []
-
-    def reserve(self, mailbox):
-        self.events.append(("reserve", mailbox))
-        return self.can_reserve
-
-    def unreserve(self):
-        self.events.append(("unreserve",))
-
-    def take(self, claim, body=None):
-        self.events.append(("take", claim.id, body))
-
-    def queued(self, mailbox):
-        self.events.append(("queued", mailbox))
-
-    def deliver_direct(self, claim):
-        self.events.append(("deliver_direct", claim))
-        return defer.succeed(transition(Status.SENT, "ok", {r: Result.SENT
-                                                            for r in claim.recipients}))
-
-
-class FakeMetrics:
-    def __init__(self):
-        self.received_envelopes = []
-
-    def received(self, envelope):
-        self.received_envelopes.append(envelope)
-
+# -- the road: the real store and queue runner, a scripted provider -------------------------------
 
 def config(**sender):
-    return parse({"sender": {"default": "relay@example.com", "allowed": ["*@example.com"],
+    return parse({"smtp": {"hostname": "relay.test"},
+                  "sender": {"default": "relay@example.com", "allowed": ["*@example.com"],
                              **sender}})
 
 
@@ -142,102 +92,312 @@ def spooled(data=BODY):
     return spool
 
 
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "the intake's Deferred did not fire"
-    return out[0]
+def received_header(message_id, when=T0):
+    return (f"Received: from client.test ([192.0.2.7])\r\n"
+            f"\tby relay.test (smtprelay) with ESMTPA id {message_id};\r\n"
+            f"\t{formatdate(when, usegmt=True)}\r\n").encode("ascii")
 
 
-def make(store=None, runner=None, cfg=None):
-    clock = Clock()
-    clock.advance(1_700_000_000)
-    metrics = FakeMetrics()
-    intake = Intake(cfg or config(), store or FakeStore(), clock, runner=runner,
-                    metrics=metrics)
-    return intake, metrics
+SPOOFED = BODY.replace(b"From: app@example.com", b"From: ceo@elsewhere.test")
+TEST_FACTS = Transaction(sender="Relay@example.com", original_sender="Relay@example.com",
+                         recipients=("to@example.org",), client_address="127.0.0.1",
+                         helo="admin-api", user=AuthUser("admin"), protocol="HTTP",
+                         mode="direct")
 
 
-def test_queue_mode_hands_a_reserved_message_to_the_runner():
-    store, runner = FakeStore(), FakeRunner()
-    intake, metrics = make(store, runner)
-    reply = result_of(intake.receive(facts(), spooled()))
-    kind, envelope, stored, _ = store.calls[0]
-    assert kind == "accept_and_claim"
-    assert str(reply) == f"250 2.0.0 Ok: queued as {envelope.id}"
-    assert stored.startswith(b"Received: from client.test ([192.0.2.7])\r\n")
-    assert stored.endswith(BODY) and envelope.size == len(stored)
-    assert envelope.mailbox == "app@example.com" and envelope.sender == "App@Example.com"
-    assert (envelope.header_from, envelope.subject, envelope.message_id) == \
-        ("app@example.com", "Hi", "<m1@example.com>")
-    assert envelope.auth_user == "app" and envelope.instance == "test-instance"
-    assert runner.events == [("reserve", "app@example.com"), ("take", envelope.id, stored)]
-    assert metrics.received_envelopes == [envelope]
+class IntakeRoadTests(QueueHarness):
+    """Intake -> SQLiteStore -> QueueRunner -> provider, observed in the store's
+    state, the provider's calls, the replies and the metrics."""
 
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.metrics = Metrics("scripted", self.clock)
 
-def test_queue_mode_without_a_slot_queues_and_wakes():
-    store, runner = FakeStore(), FakeRunner(reserve=False)
-    intake, _ = make(store, runner)
-    reply = result_of(intake.receive(facts(), spooled()))
-    assert reply.code == 250
-    assert [c[0] for c in store.calls] == ["accept"] and store.calls[0][3] is None
-    assert runner.events[-1] == ("queued", "app@example.com")
+    def intake(self, cfg=None, store=None):
+        return Intake(cfg or config(), store or self.store, self.clock, runner=self.r,
+                      metrics=self.metrics)
 
+    @defer.inlineCallbacks
+    def started(self, provider, **kw):
+        """A running runner whose first claim found the queue empty (so that it
+        may hand off)."""
+        r = self.runner(provider, metrics=self.metrics, **kw)
+        r.observers.append(self.metrics.outcome)  # as the service wires them
+        yield self.settle()
+        return r
 
-def test_queued_instead_of_claimed_gives_the_slot_back():
-    store, runner = FakeStore(claim=False), FakeRunner()
-    intake, _ = make(store, runner)
-    assert result_of(intake.receive(facts(), spooled())).code == 250
-    assert [e[0] for e in runner.events] == ["reserve", "unreserve", "queued"]
+    def counted(self, name):
+        return self.metrics.registry.get_sample_value(
+            f"smtprelay_{name}_total", {"provider": "scripted"}) or 0
 
+    @defer.inlineCallbacks
+    def stored_ids(self):
+        page = yield self.store.deliveries(DeliveryQuery(limit=50))
+        return sorted(i.id for i in page.items)
 
-def test_a_storage_failure_is_a_451_and_the_slot_goes_back():
-    store, runner = FakeStore(fail=True), FakeRunner()
-    intake, metrics = make(store, runner)
-    assert result_of(intake.receive(facts(), spooled())) == replies.STORAGE_FAILURE
-    assert [e[0] for e in runner.events] == ["reserve", "unreserve"]
-    assert metrics.received_envelopes == []
+    @defer.inlineCallbacks
+    def body(self, message_id):
+        f = yield self.store.read_body(message_id)
+        try:
+            return f.read()
+        finally:
+            f.close()
 
+    def refuse_messages(self):
+        """The database refuses every new message (as a full disk would): real
+        SQLite errors in the store's own transaction."""
+        return self.sql("CREATE TRIGGER refuse BEFORE INSERT ON messages "
+                        "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
 
-def test_direct_mode_stores_leased_and_waits_for_the_provider():
-    store, runner = FakeStore(), FakeRunner()
-    intake, _ = make(store, runner)
-    reply = result_of(intake.receive(facts(mode="direct"), spooled()))
-    kind, envelope, _, lease_until = store.calls[0]
-    assert kind == "accept" and lease_until == envelope.received_at + 300.0
-    assert str(reply) == f"250 2.0.0 Ok: sent {envelope.id}"
-    assert runner.events[0][0] == "deliver_direct"
+    def assert_slot_free(self, r):
+        """With max_in_flight=1 a reserved slot not given back refuses the next."""
+        self.assertTrue(r.reserve("other@x.org"))
+        r.unreserve()
 
+    # -- queue mode ------------------------------------------------------------------------
 
-def test_a_disallowed_from_header_is_refused_or_rewritten():
-    spoofed = BODY.replace(b"From: app@example.com", b"From: ceo@elsewhere.test")
-    store = FakeStore()
-    intake, _ = make(store, FakeRunner())
-    assert result_of(intake.receive(facts(), spooled(spoofed))) == \
-        replies.FROM_HEADER_NOT_ALLOWED
-    assert store.calls == []
-    intake.apply(config(on_disallowed="rewrite"))
-    assert result_of(intake.receive(facts(), spooled(spoofed))).code == 250
-    stored = store.calls[0][2]
-    assert b"From: relay@example.com\r\n" in stored and b"ceo@elsewhere.test" in stored
+    @defer.inlineCallbacks
+    def test_queue_mode_hands_a_reserved_message_to_the_runner(self):
+        provider = ScriptedProvider(["hang"])
+        r = yield self.started(provider)
+        claims = self.store_counts["claim"]
+        reply = yield self.intake().receive(facts(), spooled())
+        yield self.settle()
+        [mid] = yield self.stored_ids()
+        self.assertEqual(str(reply), f"250 2.0.0 Ok: queued as {mid}")
+        # stored leased to this instance in the same transaction, and handed over:
+        # the provider has it without a second claim round and without a read back
+        self.assertEqual(self.store_counts["accept_and_claim"], 1)
+        self.assertEqual(self.store_counts["claim"], claims)
+        self.assertEqual(self.store_counts["claim_one"] + self.store_counts["read_body"], 0)
+        self.assertEqual((yield self.lease(mid)), ("active", self.store.instance_id, T0 + 300))
+        stored = received_header(mid) + BODY
+        self.assertEqual(provider.calls, [(mid, "app@example.com", ("to@example.org",), stored)])
+        self.assertEqual(r.in_flight, 1)
+        self.assertEqual((yield self.body(mid)), stored)
+        [(received_by,)] = yield self.sql("SELECT received_by FROM messages WHERE id = ?", (mid,))
+        self.assertEqual(received_by, self.store.instance_id)
+        provider.hanging[0].callback(Outcome.sent("202 Accepted"))
+        yield self.settle()
+        d = yield self.store.delivery(mid)
+        self.assertEqual((d.status, d.size, d.mailbox, d.sender, d.original_sender),
+                         (Status.SENT, len(stored), "app@example.com", "App@Example.com",
+                          "App@Example.com"))
+        self.assertEqual((d.header_from, d.subject, d.message_id),
+                         ("app@example.com", "Hi", "<m1@example.com>"))
+        self.assertEqual((d.auth_user, d.client_address, d.helo, d.mode, d.received_at),
+                         ("app", "192.0.2.7", "client.test", "queue", T0))
+        self.assertEqual([a.outcome for a in d.attempts], ["sent"])
+        self.assertEqual((yield self.lease(mid)), ("sent", None, None))
+        self.assertEqual((self.counted("received_messages"), self.counted("received_bytes")),
+                         (1, len(stored)))
+        self.assertEqual(self.counted("sent_messages"), 1)
 
+    @defer.inlineCallbacks
+    def test_queue_mode_without_a_free_slot_stores_and_wakes_the_runner(self):
+        # the mailbox's one provider slot is busy: no hand-off; with claim-ahead the
+        # runner, woken, claims the stored message at once and holds it for the slot
+        provider = ScriptedProvider(["hang", "hang"])
+        r = yield self.started(provider, claim_ahead=True, concurrency=1)
+        intake = self.intake()
+        yield intake.receive(facts(), spooled())
+        yield self.settle()
+        [first] = yield self.stored_ids()
+        claims = self.store_counts["claim"]
+        reply = yield intake.receive(facts(), spooled())
+        [second] = [i for i in (yield self.stored_ids()) if i != first]
+        self.assertEqual(str(reply), f"250 2.0.0 Ok: queued as {second}")
+        self.assertEqual(self.store_counts["accept"], 1)  # stored unleased
+        self.assertEqual((yield self.lease(second)), ("queued", None, None))
+        yield self.settle()
+        self.assertGreater(self.store_counts["claim"], claims)  # woken: it claimed
+        self.assertEqual((yield self.lease(second)), ("active", self.store.instance_id, T0 + 300))
+        self.assertEqual(r.limiter.waiting(), 1)
+        self.assertEqual([c[0] for c in provider.calls], [first])
+        provider.hanging[0].callback(Outcome.sent("ok"))
+        yield self.settle()
+        self.assertEqual([c[0] for c in provider.calls], [first, second])
+        self.assertEqual(provider.calls[1][3], received_header(second) + BODY)  # read back
+        provider.hanging[1].callback(Outcome.sent("ok"))
+        yield self.settle()
+        for mid in (first, second):
+            self.assertEqual((yield self.lease(mid)), ("sent", None, None))
+        self.assertEqual(self.counted("received_messages"), 2)
 
-def test_the_test_message_is_stored_and_delivered_directly_without_counting():
-    store, runner = FakeStore(), FakeRunner()
-    intake, metrics = make(store, runner)
-    message = Prepared(id="01TEST", received_at=5.0, data=b"Received: x\r\n\r\nbody\r\n",
-                       header_from="relay@example.com", subject="Check",
-                       message_id="<01TEST.test@relay.test>")
-    test_facts = Transaction(sender="Relay@example.com", original_sender="Relay@example.com",
-                             recipients=("to@example.org",), client_address="127.0.0.1",
-                             helo="admin-api", user=AuthUser("admin"), protocol="HTTP",
-                             mode="direct")
-    result = result_of(intake.test_message(test_facts, message))
-    assert result.status is Status.SENT
-    _, envelope, stored, lease_until = store.calls[0]
-    assert stored == message.data and lease_until == 305.0
-    assert envelope.mailbox == "Relay@example.com" and envelope.mode == "direct"
-    assert metrics.received_envelopes == []
-    failing = make(FakeStore(fail=True), FakeRunner())[0]
-    failure = result_of(failing.test_message(test_facts, message))
-    assert failure.check(NotStored) and str(failure.value) == "disk full"
+    @defer.inlineCallbacks
+    def test_queued_instead_of_claimed_gives_the_slot_back(self):
+        # another instance on the same database holds the mailbox's one lease
+        other = SQLiteStore(self.store.path, reactor)
+        yield other.start(T0)
+        self.addCleanup(other.stop, T0)
+        provider = ScriptedProvider()
+        r = yield self.started(provider, concurrency=1, max_in_flight=1)
+        theirs = envelope(0, recipients=("a@x.org",), mailbox="app@example.com", now=T0)
+        yield other.accept(theirs, [b"theirs"], lease_until=T0 + 300)
+        reply = yield self.intake().receive(facts(), spooled())
+        [mine] = [i for i in (yield self.stored_ids()) if i != theirs.id]
+        self.assertEqual(str(reply), f"250 2.0.0 Ok: queued as {mine}")
+        self.assertEqual(self.store_counts["accept_and_claim"], 1)
+        self.assertEqual((yield self.lease(mine)), ("queued", None, None))
+        yield self.settle()
+        self.assertEqual(provider.calls, [])
+        self.assert_slot_free(r)
+        # the other instance is done: the next poll sends ours
+        yield other.finish(theirs.id, outcome_of(Status.SENT, T0 + 1,
+                                                 {"a@x.org": (Result.SENT, "250 ok")}))
+        yield self.advance(1)
+        self.assertEqual([c[0] for c in provider.calls], [mine])
+        self.assertEqual((yield self.lease(mine)), ("sent", None, None))
+
+    @defer.inlineCallbacks
+    def test_a_storage_failure_is_a_451_and_the_slot_goes_back(self):
+        provider = ScriptedProvider()
+        r = yield self.started(provider, max_in_flight=1)
+        yield self.refuse_messages()
+        intake = self.intake()
+        self.assertEqual((yield intake.receive(facts(), spooled())), replies.STORAGE_FAILURE)
+        self.assertEqual((yield intake.receive(facts(mode="direct"), spooled())),
+                         replies.STORAGE_FAILURE)
+        yield self.settle()
+        self.assertEqual(self.store_counts["accept_and_claim"], 1)  # it had a slot
+        self.assertEqual((yield self.sql("SELECT COUNT(*) FROM bodies")), [(0,)])
+        self.assertEqual((yield self.stored_ids()), [])
+        self.assertEqual(provider.calls, [])
+        self.assertEqual(self.counted("received_messages"), 0)
+        self.assert_slot_free(r)
+        # the disk has room again: the next message goes the whole way
+        yield self.sql("DROP TRIGGER refuse")
+        reply = yield intake.receive(facts(), spooled())
+        yield self.settle()
+        [mid] = yield self.stored_ids()
+        self.assertEqual(str(reply), f"250 2.0.0 Ok: queued as {mid}")
+        self.assertEqual([c[0] for c in provider.calls], [mid])
+        self.assertEqual(self.counted("received_messages"), 1)
+
+    # -- direct mode -----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_direct_mode_stores_leased_and_waits_for_the_provider(self):
+        provider = ScriptedProvider(["hang", Outcome.temporary("451 4.7.1 slow down")])
+        yield self.started(provider)
+        intake = self.intake()
+        answer = intake.receive(facts(mode="direct"), spooled())
+        yield self.settle()
+        self.assertFalse(answer.called)  # the reply waits for the provider
+        [mid] = yield self.stored_ids()
+        self.assertEqual(self.store_counts["accept"], 1)
+        self.assertEqual((yield self.lease(mid)), ("active", self.store.instance_id, T0 + 300))
+        stored = received_header(mid) + BODY
+        self.assertEqual(provider.calls, [(mid, "app@example.com", ("to@example.org",), stored)])
+        provider.hanging[0].callback(Outcome.sent("202 Accepted"))
+        self.assertEqual(str((yield answer)), f"250 2.0.0 Ok: sent {mid}")
+        d = yield self.store.delivery(mid)
+        self.assertEqual((d.status, d.mode, [a.outcome for a in d.attempts]),
+                         (Status.SENT, "direct", ["sent"]))
+        self.assertEqual((yield self.lease(mid)), ("sent", None, None))
+        # the reply follows the transition: a temporary failure is a 451, and the client,
+        # not the queue, tries again
+        reply = yield intake.receive(facts(mode="direct"), spooled())
+        later = [i for i in (yield self.stored_ids()) if i != mid]
+        self.assertEqual(str(reply), "451 4.7.1 451 4.7.1 slow down")
+        d = yield self.store.delivery(later[0])
+        self.assertEqual((d.status, d.error), (
+            Status.FAILED,
+            "temporary failure reported to the SMTP client (direct mode): 451 4.7.1 slow down"))
+        self.assertEqual(self.counted("received_messages"), 2)
+
+    # -- the header From policy ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_a_disallowed_from_header_is_refused_or_rewritten(self):
+        provider = ScriptedProvider()
+        yield self.started(provider)
+        intake = self.intake()
+        self.assertEqual((yield intake.receive(facts(), spooled(SPOOFED))),
+                         replies.FROM_HEADER_NOT_ALLOWED)
+        yield self.settle()
+        self.assertEqual((yield self.stored_ids()), [])
+        self.assertEqual(self.store_counts["accept"] + self.store_counts["accept_and_claim"], 0)
+        self.assertEqual(self.counted("received_messages"), 0)
+        intake.apply(config(on_disallowed="rewrite"))
+        reply = yield intake.receive(facts(), spooled(SPOOFED))
+        yield self.settle()
+        [mid] = yield self.stored_ids()
+        self.assertEqual(str(reply), f"250 2.0.0 Ok: queued as {mid}")
+        stored = yield self.body(mid)
+        self.assertTrue(stored.startswith(received_header(mid)))
+        self.assertIn(b"From: relay@example.com\r\n", stored)
+        self.assertIn(b"Reply-To: ceo@elsewhere.test\r\n", stored)
+        self.assertNotIn(b"From: ceo@elsewhere.test", stored)
+        self.assertEqual(provider.calls[0][3], stored)
+        d = yield self.store.delivery(mid)
+        self.assertEqual((d.status, d.size), (Status.SENT, len(stored)))
+        self.assertEqual(self.counted("received_bytes"), len(stored))
+
+    @defer.inlineCallbacks
+    def test_a_message_is_judged_by_the_configuration_it_was_received_under(self):
+        """The session's configuration, not the one the intake took since."""
+        provider = ScriptedProvider()
+        yield self.started(provider)
+        old = config(check_header_from=False)
+        intake = self.intake(old)
+        intake.apply(config(check_header_from=True))
+        reply = yield intake.receive(facts(), spooled(SPOOFED), old)
+        yield self.settle()
+        [mid] = yield self.stored_ids()
+        self.assertEqual(str(reply), f"250 2.0.0 Ok: queued as {mid}")
+        self.assertEqual((yield self.body(mid)), received_header(mid) + SPOOFED)
+        self.assertEqual([c[0] for c in provider.calls], [mid])
+        # a session that started after the change is judged by the new one
+        self.assertEqual((yield intake.receive(facts(), spooled(SPOOFED))),
+                         replies.FROM_HEADER_NOT_ALLOWED)
+
+    # -- the admin's test message ----------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_the_test_message_is_stored_and_delivered_directly_without_counting(self):
+        provider = ScriptedProvider(["hang"])
+        yield self.started(provider)
+        intake = self.intake()
+        message = Prepared(id="01TEST", received_at=T0, data=b"Received: x\r\n\r\nbody\r\n",
+                           header_from="relay@example.com", subject="Check",
+                           message_id="<01TEST.test@relay.test>")
+        delivered = intake.test_message(TEST_FACTS, message)
+        yield self.settle()
+        self.assertEqual((yield self.lease("01TEST")), ("active", self.store.instance_id,
+                                                         T0 + 300))
+        self.assertEqual(provider.calls, [("01TEST", "Relay@example.com", ("to@example.org",),
+                                           message.data)])
+        provider.hanging[0].callback(Outcome.sent("202 Accepted"))
+        result = yield delivered
+        self.assertIs(result.status, Status.SENT)
+        d = yield self.store.delivery("01TEST")
+        self.assertEqual((d.status, d.mailbox, d.mode, d.auth_user, d.subject, d.size),
+                         (Status.SENT, "Relay@example.com", "direct", "admin", "Check",
+                          len(message.data)))
+        self.assertEqual((yield self.body("01TEST")), message.data)
+        self.assertEqual(self.counted("received_messages"), 0)
+
+    @defer.inlineCallbacks
+    def test_a_test_message_not_stored_is_not_delivered(self):
+        provider = ScriptedProvider()
+        yield self.started(provider)
+        message = Prepared(id="01TEST", received_at=T0, data=b"Received: x\r\n\r\nbody\r\n",
+                           header_from="relay@example.com", subject="Check",
+                           message_id="<01TEST.test@relay.test>")
+        # a store that was stopped
+        stopped = SQLiteStore(self.store.path, reactor)
+        yield stopped.start(T0)
+        yield stopped.stop(T0)
+        with self.assertRaises(NotStored) as failed:
+            yield self.intake(store=stopped).test_message(TEST_FACTS, message)
+        self.assertEqual(str(failed.exception), "the store is not started")
+        # a database that refuses the write
+        yield self.refuse_messages()
+        with self.assertRaises(NotStored) as failed:
+            yield self.intake().test_message(TEST_FACTS, message)
+        self.assertEqual(str(failed.exception), "IntegrityError: disk full")
+        yield self.settle()
+        self.assertEqual((yield self.stored_ids()), [])
+        self.assertEqual(provider.calls, [])
