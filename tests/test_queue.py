@@ -58,7 +58,7 @@ class QueueTests(QueueHarness):
         for _ in range(100):
             if (yield self.status(a)) == "deferred":
                 break
-            yield self.settle(4)
+            yield self.settle()
         self.assertEqual([call[1] for call in provider.calls], ["m@x.org"])
         b = yield self.accept(2, mailbox="m@x.org")
         c = yield self.accept(3, mailbox="other@x.org")
