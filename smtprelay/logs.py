@@ -4,9 +4,8 @@ The relay never logs a secret on purpose; these observers are the second
 line: any configured secret value that still reaches an event, in a message,
 a field or a traceback, is replaced by ``[redacted]`` before it is written, in
 every form it takes on the way (:func:`smtprelay.scrub.secret_forms`: as is,
-base64, URL-encoded, JSON-escaped).  :func:`scrub` (the configured secrets, set
-by :func:`set_secrets` when a configuration is loaded) is also what the queue
-runs over a provider's answer before it goes into the delivery log.
+base64, URL-encoded, JSON-escaped); the configured secrets are those that
+:func:`smtprelay.scrub.set_secrets` was last given.
 
 The plugin installs the plain one by default (same destination as twistd's
 own: stdout under ``-n``, else ``--logfile``); ``twistd
@@ -22,13 +21,9 @@ from typing import IO, Any, cast
 from twisted.logger import ILogObserver, jsonFileLogObserver, textFileLogObserver
 from twisted.python import logfile
 
-# the scrubbing itself lives in smtprelay.scrub; these names are where the rest of
-# the relay has always found it
 from smtprelay.scrub import scrub_configured as scrub
-from smtprelay.scrub import secret_forms, set_secrets
 
-__all__ = ["json_observer", "observer_for_twistd", "scrub", "secret_forms", "set_secrets",
-           "text_observer"]
+__all__ = ["json_observer", "observer_for_twistd", "text_observer"]
 
 
 class _ScrubbingFile(io.TextIOBase):

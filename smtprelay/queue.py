@@ -29,9 +29,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smtprelay import logs, schedule
+from smtprelay import schedule
 from smtprelay.model import Claim, Outcome, Result, Status, Transition
 from smtprelay.providers.base import IProvider, OutgoingMessage
+from smtprelay.scrub import scrub_configured
 from smtprelay.slots import MailboxSlots
 from smtprelay.store.interface import IStore
 
@@ -48,8 +49,8 @@ Observer = Callable[[Claim, Outcome, Transition], None]
 def scrubbed(outcome: Outcome) -> Outcome:
     """``outcome`` without any configured secret in its details: a provider may quote
     back what it was sent (credentials included), and the delivery log keeps it."""
-    detail = logs.scrub(outcome.detail)
-    recipients = {a: (r, logs.scrub(d)) for a, (r, d) in outcome.recipients.items()}
+    detail = scrub_configured(outcome.detail)
+    recipients = {a: (r, scrub_configured(d)) for a, (r, d) in outcome.recipients.items()}
     if detail == outcome.detail and recipients == outcome.recipients:
         return outcome
     return attr.evolve(outcome, detail=detail, recipients=recipients)

@@ -31,10 +31,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from smtprelay import __version__, logs
+from smtprelay import __version__, scrub
 from smtprelay.admin.monitor import Monitor
 from smtprelay.admin.shapes import safe_reason as _reason
-from smtprelay.config import Config, ListenAddress
+from smtprelay.config import Config, ListenAddress, secrets_in
 from smtprelay.errors import ApplyError, ListenError
 from smtprelay.metrics import Metrics
 from smtprelay.providers import make_provider
@@ -49,7 +49,7 @@ from smtprelay.tls import ServerContextFactory
 if TYPE_CHECKING:
     from smtprelay.admin.configfile import PendingWrite
 
-__all__ = ["ApplyError", "ListenError", "RelayService", "hostname"]
+__all__ = ["RelayService", "hostname"]
 
 log = Logger()
 
@@ -68,12 +68,12 @@ class RelayService(service.MultiService):
         self.reactor = reactor
         self.clock = reactor
         self.started_at: float | None = None
-        logs.set_secrets(config.secrets())
+        scrub.set_secrets(config.secrets())
         self.store: IStore = store if store is not None else \
             make_store(config.database, reactor)
         self.provider: IProvider = provider if provider is not None else \
             make_provider(config, reactor)
-        self.metrics = Metrics(_provider_type(config), reactor)
+        self.metrics = Metrics(config.provider.type, reactor)
         self.lockout = Lockout(reactor, config.smtp.auth.max_failures, config.smtp.auth.lockout)
         self.runner = QueueRunner(self.store, self.provider, config.delivery, reactor,
                                   retention=config.database.retention, metrics=self.metrics,
@@ -179,7 +179,7 @@ class RelayService(service.MultiService):
         log.info("smtprelay {version} ready: SMTP on {listen}, provider {provider}, "
                  "delivery {mode}, instance {instance}",
                  version=__version__, listen=", ".join(self.bound_addresses()),
-                 provider=_provider_type(self.config), mode=self.config.delivery.mode,
+                 provider=self.config.provider.type, mode=self.config.delivery.mode,
                  instance=self.store.instance_id)
 
     def _fatal(self, failure: Failure) -> None:
@@ -295,7 +295,11 @@ class RelayService(service.MultiService):
     def _reconfigure(self, new: Config, pending_write: PendingWrite | None
                      ) -> Generator[Any, Any, None]:
         # prepare, bind (paused), write the file; then switch the rooms and the listeners
-        change = self._prepare(new)
+        _refuse_unchangeable(self.config, new)
+        context = self.door.tls_context
+        if _tls_changed(self.config, new):
+            context = yield self._new_tls_context(new)
+        change = self._prepare(new, context)
         try:
             yield self._bind_new(change)
             if pending_write is not None:
@@ -311,22 +315,30 @@ class RelayService(service.MultiService):
         smtp = new.smtp
         log.info("configuration applied: SMTP on {listen}, provider {provider}",
                  listen=", ".join(str(a) for a in smtp.listen + smtp.tls_listen),
-                 provider=_provider_type(new))
+                 provider=new.provider.type)
 
-    def _prepare(self, new: Config) -> _Change:
+    @defer.inlineCallbacks
+    def _new_tls_context(self, new: Config
+                         ) -> Generator[Any, Any, ServerContextFactory | None]:
+        """The TLS context for ``new``, built on a thread (it reads the certificate and
+        key files); ApplyError when it cannot be built."""
+        try:
+            context = yield deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                              self._tls_context, new)
+        except Exception as e:
+            raise ApplyError("the new configuration cannot be set up: "
+                             f"{_reason(e, self.config.secrets() + new.secrets())}") from None
+        return context
+
+    def _prepare(self, new: Config, context: ServerContextFactory | None) -> _Change:
         """What ``new`` needs, built and planned before anything is bound -> the change;
-        ApplyError when it cannot be set up (and nothing has changed)."""
+        ApplyError when it cannot be set up (and nothing has changed).  ``context`` is
+        the TLS context for new sessions (built already when TLS changed)."""
         old = self.config
         secrets = old.secrets() + new.secrets()
-        if new.database.url != old.database.url:
-            raise ApplyError("the database cannot be changed while the relay runs", {
-                "database.url": "cannot be changed while the relay runs: edit the "
-                                "configuration file and restart"})
         change = _Change(old, new, secrets, tls_changed=_tls_changed(old, new),
-                         context=self.door.tls_context)
+                         context=context)
         try:
-            if change.tls_changed:
-                change.context = self._tls_context(new)
             if _provider_changed(old, new):
                 change.provider = make_provider(new, self.reactor)
         except Exception as e:
@@ -392,7 +404,7 @@ class RelayService(service.MultiService):
         """Every room takes its part of the new configuration."""
         new = change.new
         self.config = new
-        logs.set_secrets(new.secrets())
+        scrub.set_secrets(new.secrets())
         self.door.apply(new, change.context, make_portal(new.smtp.auth.users, self.reactor))
         self.lockout.apply(new.smtp.auth)
         self.runner.apply(new)
@@ -474,15 +486,17 @@ class _Change:
         return self.new.admin.listen != self.old.admin.listen
 
 
-def _provider_type(config: Config) -> str:
-    """``provider.type`` (the configuration types ``provider`` as any provider table)."""
-    provider: Any = config.provider
-    return str(provider.type)
-
-
 def _apply_error(e: ListenError) -> ApplyError:
     """The ApplyError for a listener that could not be bound (its key, if known)."""
     return ApplyError(str(e), {e.key: str(e).partition(": ")[2]} if e.key else None)
+
+
+def _refuse_unchangeable(old: Config, new: Config) -> None:
+    """ApplyError for what only a restart can change."""
+    if new.database.url != old.database.url:
+        raise ApplyError("the database cannot be changed while the relay runs", {
+            "database.url": "cannot be changed while the relay runs: edit the "
+                            "configuration file and restart"})
 
 
 def _tls_changed(old: Config, new: Config) -> bool:
@@ -498,11 +512,9 @@ def hostname() -> str:
 def _provider_changed(old: Config, new: Config) -> bool:
     """Does the provider need rebuilding?  (Secret values compare too: ``Secret``
     equality ignores the value.)"""
-    from smtprelay.config import _walk_secrets
-
     def shape(c: Config) -> tuple[object, ...]:
         return (c.provider, c.sender, c.smtp.hostname, c.delivery, c.monitoring,
-                [s.reveal() for s in _walk_secrets(c.provider)])
+                [s.reveal() for s in secrets_in(c.provider)])
 
     return shape(old) != shape(new)
 

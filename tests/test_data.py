@@ -16,15 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smtprelay.dotstuff import OutboundEncoder
-from smtprelay.smtp.data import (
+from smtprelay.replies import (
     BARE_NEWLINE_NOT_ALLOWED,
-    LINE_TOO_LONG,
     MESSAGE_TOO_BIG,
     NUL_NOT_ALLOWED,
-    DataError,
-    DataReader,
-    FeedResult,
+    Reply,
 )
+from smtprelay.replies import DATA_LINE_TOO_LONG as LINE_TOO_LONG
+from smtprelay.smtp.data import DataReader, FeedResult
 
 CR, LF = 13, 10
 
@@ -35,7 +34,7 @@ CR, LF = 13, 10
 
 
 # (content, done, rest, error, bare_seen), as reference_read and run_reader give it
-ReadResult = tuple[bytes, bool, bytes, "DataError | None", bool]
+ReadResult = tuple[bytes, bool, bytes, "Reply | None", bool]
 
 
 def reference_read(data: bytes, max_line_length: int = 65536, max_size: int = 35_000_000,
@@ -47,7 +46,7 @@ def reference_read(data: bytes, max_line_length: int = 65536, max_size: int = 35
     CRLF (or which is the first line). A line is produced once it has ended.
     """
     content = bytearray()
-    error: DataError | None = None
+    error: Reply | None = None
     bare_seen = False
     raw = bytearray()  # the current line as sent
     after_crlf = True
@@ -245,7 +244,7 @@ def test_reader_matches_reference_on_every_short_input_split_anywhere() -> None:
 
 
 def read_all(data: bytes, chunks: list[bytes] | None = None,
-             **kw: Any) -> tuple[bytes, bool, bytes, DataError | None]:
+             **kw: Any) -> tuple[bytes, bool, bytes, Reply | None]:
     content, done, rest, error, _ = run_reader(chunks or [data], **kw)
     return content, done, rest, error
 
@@ -330,7 +329,7 @@ def test_rejects_bad_arguments() -> None:
 
 def test_error_str_is_the_reply() -> None:
     assert str(LINE_TOO_LONG) == "500 5.5.6 Line too long"
-    assert DataError(552, "5.3.4", "Message size exceeds fixed limit") == MESSAGE_TOO_BIG
+    assert Reply(552, "5.3.4", "Message size exceeds fixed limit") == MESSAGE_TOO_BIG
 
 
 # --------------------------------------------------------------------------
@@ -346,7 +345,7 @@ AFTER = b"QUIT\r\n"
 
 
 def assert_not_smuggled(variant: bytes, stored_as: bytes | None, head: bytes = HEAD,
-                        error: DataError | None = None, bare: bool = True) -> None:
+                        error: Reply | None = None, bare: bool = True) -> None:
     """``head + variant + SMUGGLED + real end + AFTER``, split at every position.
 
     The variant must never end the data: the reader finishes exactly at the
@@ -482,7 +481,7 @@ def test_real_end_split_at_every_position_and_in_every_pair_of_positions() -> No
 # --------------------------------------------------------------------------
 
 
-def every_split(data: bytes, **kw: Any) -> tuple[bytes, bool, bytes, DataError | None]:
+def every_split(data: bytes, **kw: Any) -> tuple[bytes, bool, bytes, Reply | None]:
     """The same outcome whole, split at each position, and byte by byte."""
     results = {read_all(data, **kw)}
     results |= {read_all(data, split_at(data, [p]), **kw) for p in range(len(data) + 1)}
@@ -566,7 +565,7 @@ def test_over_size_big_message_in_chunks() -> None:
     ids=["nul-then-long", "long-then-nul", "bare-then-nul", "nul-then-bare", "size-then-nul",
          "size-then-long"],
 )
-def test_first_error_wins(data: bytes, kw: dict[str, Any], error: DataError) -> None:
+def test_first_error_wins(data: bytes, kw: dict[str, Any], error: Reply) -> None:
     assert every_split(data, **kw)[3] == error
 
 

@@ -301,9 +301,9 @@ def test_every_form_of_a_secret_is_scrubbed_from_tracebacks_at_every_level():
 
     from twisted.logger import Logger, LogLevel, LogPublisher
 
-    from smtprelay import logs
+    from smtprelay import logs, scrub
 
-    logs.set_secrets(SECRETS.values())
+    scrub.set_secrets(SECRETS.values())
     try:
         for make in (logs.text_observer, logs.json_observer):
             out = io.StringIO()
@@ -327,16 +327,16 @@ def test_every_form_of_a_secret_is_scrubbed_from_tracebacks_at_every_level():
             # from other text)
             assert "abcd" not in text
     finally:
-        logs.set_secrets([])
+        scrub.set_secrets([])
 
 
 def test_a_provider_quoting_credentials_is_scrubbed_before_the_delivery_log():
-    from smtprelay import logs
+    from smtprelay import scrub
     from smtprelay.admin.shapes import safe_reason
     from smtprelay.model import Outcome, Result
     from smtprelay.queue import scrubbed
 
-    logs.set_secrets([SMTP_PASSWORD])
+    scrub.set_secrets([SMTP_PASSWORD])
     try:
         echoed = "535 you sent: AUTH PLAIN " + auth_plain("relayuser", SMTP_PASSWORD)
         outcome = scrubbed(Outcome.temporary(
@@ -349,4 +349,4 @@ def test_a_provider_quoting_credentials_is_scrubbed_before_the_delivery_log():
         assert leaks(safe_reason(f"client_secret={quote_plus(SMTP_PASSWORD)}", [SMTP_PASSWORD]),
                      {"p": SMTP_PASSWORD}) == []
     finally:
-        logs.set_secrets([])
+        scrub.set_secrets([])

@@ -20,8 +20,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from smtprelay import logs
 from smtprelay.admin import warnings as warnings_
+from smtprelay.scrub import scrub_configured
 from smtprelay.store import Stats
 
 if TYPE_CHECKING:
@@ -97,8 +97,8 @@ class Monitor(service.Service):
             log.failure("the provider's warnings() failed")
             provider_warnings = ()
         # a provider's words may quote what it was sent, credentials included
-        problem = logs.scrub(problem) if problem else problem
-        provider_warnings = tuple(logs.scrub(w) for w in provider_warnings)
+        problem = scrub_configured(problem) if problem else problem
+        provider_warnings = tuple(scrub_configured(w) for w in provider_warnings)
         return warnings_.Snapshot(
             now=now,
             provider_type=relay.config.provider.type,

@@ -43,18 +43,41 @@ from smtprelay.config.model import (
     SMTPConfig,
     SMTPProvider,
     User,
-    _walk_secrets,
+    secrets_in,
 )
 from smtprelay.config.parsing import parse_document, parse_listen
 from smtprelay.config.redact import SECRET_KEYS, redact, unredact
 from smtprelay.config.secrets import Facts, gather
 
 __all__ = [
-    "SECRET_KEYS", "AdminConfig", "AuthConfig", "Config", "ConfigError", "DatabaseConfig",
-    "DeliveryConfig", "Facts", "GmailProvider", "ListenAddress", "M365Provider",
-    "MonitoringConfig", "OutboxProvider", "Problem", "ProviderConfig", "SMTPConfig",
-    "SMTPProvider", "Secret", "SenderConfig", "User", "_walk_secrets", "gather", "load", "parse",
-    "parse_document", "parse_listen", "redact", "unredact",
+    "SECRET_KEYS",
+    "AdminConfig",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "DatabaseConfig",
+    "DeliveryConfig",
+    "Facts",
+    "GmailProvider",
+    "ListenAddress",
+    "M365Provider",
+    "MonitoringConfig",
+    "OutboxProvider",
+    "Problem",
+    "ProviderConfig",
+    "SMTPConfig",
+    "SMTPProvider",
+    "Secret",
+    "SenderConfig",
+    "User",
+    "gather",
+    "load",
+    "parse",
+    "parse_document",
+    "parse_listen",
+    "redact",
+    "secrets_in",
+    "unredact",
 ]
 
 

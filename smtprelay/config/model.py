@@ -251,20 +251,20 @@ class Config:
     def secrets(self) -> list[str]:
         """Every secret value this configuration holds (for leak checks)."""
         out = []
-        for s in _walk_secrets(self):
+        for s in secrets_in(self):
             if s.value:
                 out.append(s.value)
         return out
 
 
-def _walk_secrets(obj: object) -> Iterator[Secret]:
+def secrets_in(obj: object) -> Iterator[Secret]:
     """Every :class:`Secret` inside ``obj`` (a Config, a section, a dict of them)."""
     if isinstance(obj, Secret):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _walk_secrets(v)
+            yield from secrets_in(v)
     elif attr.has(type(obj)):
         for a in attr.fields(type(obj)):  # type: ignore[arg-type]  # has() narrows nothing
             if a.name != "document":
-                yield from _walk_secrets(getattr(obj, a.name))
+                yield from secrets_in(getattr(obj, a.name))

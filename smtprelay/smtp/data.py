@@ -35,13 +35,6 @@ _END = b"\r\n.\r\n"
 _SPECIAL = re.compile(rb"[\r\n\x00]")
 
 
-# Why a message body is refused: the SMTP reply to give at end of data (the
-# replies themselves are in the relay's one table)
-DataError = Reply
-NUL_NOT_ALLOWED = replies.NUL_NOT_ALLOWED
-BARE_NEWLINE_NOT_ALLOWED = replies.BARE_NEWLINE_NOT_ALLOWED
-LINE_TOO_LONG = replies.LINE_TOO_LONG_IN_DATA
-MESSAGE_TOO_BIG = replies.MESSAGE_TOO_BIG
 
 
 class FeedResult(NamedTuple):
@@ -85,9 +78,9 @@ class DataReader:
 
     Feed every chunk the client sends, in order, until a result says ``done``;
     then ``rest`` holds the bytes that followed the end of data, and ``error``
-    (a ``DataError`` or None) says whether the message must be refused. Once an
-    error is set, no more content is produced, but the reader still consumes
-    the body up to the real end of data.
+    (a :class:`~smtprelay.replies.Reply` from the relay's table, or None) says
+    whether the message must be refused.  Once an error is set, no more content
+    is produced, but the reader still consumes the body up to the real end of data.
     """
 
     def __init__(self, max_line_length: int = 65536, max_size: int = 35_000_000,
@@ -103,7 +96,7 @@ class DataReader:
         self.max_size = max_size
         self.bare_newlines = bare_newlines
         self._reject = bare_newlines == "reject"
-        self.error: DataError | None = None
+        self.error: Reply | None = None
         self.size = 0
         # Exact while error is None; after an error, only what was looked at.
         self.bare_newlines_seen = False
@@ -177,7 +170,7 @@ class DataReader:
             content = self._careful(region)
         return content
 
-    def _fail(self, error: DataError) -> None:
+    def _fail(self, error: Reply) -> None:
         if self.error is None:
             self.error = error
         # Nothing held is needed any more: only the tail, to find the end.
@@ -227,7 +220,7 @@ class DataReader:
             k = content.rfind(b"\r\n", 0, room)
             content = content[: k + 2] if k >= 0 else b""
             self.size += len(content)
-            self._fail(MESSAGE_TOO_BIG)
+            self._fail(replies.MESSAGE_TOO_BIG)
             return content
         self.size += len(content)
         if final:
@@ -265,7 +258,7 @@ class DataReader:
             stop = m.start() if m is not None else n
             if stop > pos:
                 if len(self._line) + (stop - pos) > limit:
-                    self._fail(LINE_TOO_LONG)
+                    self._fail(replies.DATA_LINE_TOO_LONG)
                     break
                 self._line += region[pos:stop]
             if m is None:
@@ -273,7 +266,7 @@ class DataReader:
             c = region[stop]
             pos = stop + 1
             if c == 0:
-                self._fail(NUL_NOT_ALLOWED)
+                self._fail(replies.NUL_NOT_ALLOWED)
             elif c == _LF:
                 self._end_line(out, crlf=False)
             else:
@@ -288,14 +281,14 @@ class DataReader:
         if not crlf:
             self.bare_newlines_seen = True
             if self._reject:
-                self._fail(BARE_NEWLINE_NOT_ALLOWED)
+                self._fail(replies.BARE_NEWLINE_NOT_ALLOWED)
                 return False
         if line[:1] == b"." and len(line) > 1:
             piece = bytes(line[1:]) + b"\r\n"
         else:
             piece = bytes(line) + b"\r\n"
         if self.size + len(piece) > self.max_size:
-            self._fail(MESSAGE_TOO_BIG)
+            self._fail(replies.MESSAGE_TOO_BIG)
             return False
         out.append(piece)
         self.size += len(piece)

@@ -726,14 +726,13 @@ class RelaySMTP(ESMTP):
     def _accept(self, t: _Transaction, spool: MessageSpool) -> defer.Deferred[Reply]:
         """The transaction's facts to the intake -> Deferred[the reply]."""
         user = self.user
-        allowed = user.allowed if user else None
         facts = Transaction(
             sender=t.decision.address,
             original_sender=t.original_sender,
             recipients=tuple(t.recipients),
             client_address=self.peer_host,
             helo=self.helo,
-            user=AuthUser(user.name, allowed) if user is not None else None,
+            user=AuthUser(user.name, user.allowed) if user is not None else None,
             protocol=msg.smtp_protocol(self.esmtp, self.tls_active, self.authenticated),
             mode=self.config.delivery.mode,
         )
@@ -794,7 +793,6 @@ class FrontDoor:
         self.lockout = lockout
         self.tls_context = tls_context
         self.metrics = metrics
-        self.hostname = config.smtp.hostname
         self.sessions: set[RelaySMTP] = set()
         self.per_address: dict[str, int] = {}  # peer host -> sessions open from it
         self.accepting = True
@@ -807,10 +805,13 @@ class FrontDoor:
         messages are judged by it; the door's own limits (stress, idle timeout)
         follow the new configuration at once."""
         self.config = config
-        self.hostname = config.smtp.hostname
         self.tls_context = tls_context
         self.portal = portal
         self.intake.apply(config)
+
+    @property
+    def hostname(self) -> str:
+        return self.config.smtp.hostname
 
     # -- sessions and stress ----------------------------------------------------
 
